@@ -1,0 +1,377 @@
+"""A synthetic stand-in for the published dataset, in exactly its layout.
+
+``write_synthetic(out, preset)`` writes ``observations.parquet``, ``vision_index.parquet``,
+``vision_embeddings/embeddings_{file_idx:06d}.parquet`` and the two descriptive JSON files.
+The data has structure worth exploring: species in genera and families, observations in
+habitat patches with seasonal and diurnal rhythms, language embeddings clustered by family,
+vision features with a per-species signature on an object-shaped patch region.
+Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from . import source_layout as L
+
+
+@dataclass(frozen=True)
+class Preset:
+    n_observations: int
+    n_species: int
+    n_with_images: int
+    n_vision_observations: int
+    n_embeddings: int
+    embeddings_per_file: int
+    n_test: int  # observations in the temporal_test split (year 2025)
+    embedding_dtype: str = "float32"  # value type of the embedding list column
+    compression: str = "zstd"
+
+
+PRESETS = {
+    # unit tests: a few MB; float16 embeddings, coarse values that compress well
+    "tiny": Preset(240, 12, 220, 5, 6, 3, 20, embedding_dtype="float16"),
+    # all observations and species, a handful of embeddings (about 1 GB)
+    "demo": Preset(33_665, 232, 31_136, 56, 64, 50, 2_730, embedding_dtype="float16"),
+    # the published counts (about 100 GB, float32 lists as published)
+    "full": Preset(33_665, 232, 31_136, 7_113, 7_949, 50, 2_730),
+}
+
+FAMILIES = {
+    "Fagaceae": ["Quercus", "Castanea"],
+    "Arecaceae": ["Sabal", "Serenoa", "Rhapidophyllum"],
+    "Asteraceae": ["Bidens", "Solidago", "Coreopsis", "Liatris", "Helianthus", "Eupatorium",
+                   "Baccharis", "Pityopsis"],
+    "Fabaceae": ["Lupinus", "Chamaecrista", "Crotalaria", "Erythrina", "Cercis", "Desmodium"],
+    "Ericaceae": ["Vaccinium", "Lyonia", "Rhododendron", "Bejaria"],
+    "Lamiaceae": ["Salvia", "Monarda", "Callicarpa", "Conradina"],
+    "Myricaceae": ["Morella"],
+    "Pinaceae": ["Pinus"],
+    "Cupressaceae": ["Taxodium", "Juniperus"],
+    "Magnoliaceae": ["Magnolia", "Liriodendron"],
+    "Lauraceae": ["Persea"],
+    "Sapindaceae": ["Acer"],
+    "Vitaceae": ["Vitis", "Parthenocissus", "Ampelopsis"],
+    "Apocynaceae": ["Asclepias", "Rhabdadenia"],
+    "Convolvulaceae": ["Ipomoea"],
+    "Rubiaceae": ["Cephalanthus", "Psychotria", "Richardia"],
+    "Orchidaceae": ["Encyclia", "Spiranthes", "Habenaria"],
+    "Cyperaceae": ["Rhynchospora", "Cyperus"],
+    "Poaceae": ["Andropogon", "Aristida", "Spartina", "Muhlenbergia"],
+    "Bromeliaceae": ["Tillandsia"],
+    "Passifloraceae": ["Passiflora"],
+    "Nymphaeaceae": ["Nymphaea", "Nuphar"],
+    "Pontederiaceae": ["Pontederia"],
+    "Annonaceae": ["Asimina"],
+}
+EPITHETS = [
+    "virginiana", "palmetto", "repens", "pilosa", "odora", "lanceolata", "laurifolia",
+    "grandiflora", "nigra", "rubra", "americana", "floridana", "carolinensis", "elliottii",
+    "myrtifolia", "geminata", "chapmanii", "incarnata", "tuberosa", "cerifera", "borbonia",
+    "corymbosum", "ferruginea", "humilis", "angustifolia", "tomentosa", "glabra", "serrulata",
+    "leptocephala", "cuneifolia", "fasciculata", "herbacea", "canadensis", "rotundifolia",
+    "quinquefolia", "arborea", "pumila", "maritima", "stricta", "virgata", "aquatica",
+    "distichum", "palustris", "spicata", "racemosa", "umbellata", "occidentalis", "punctata",
+    "hirsuta", "minor", "major", "alba", "lutea", "purpurea", "coccinea", "cordata",
+    "scoparius", "bakeri", "mariana", "australis", "longifolia", "parviflora", "incana",
+    "usneoides", "recurvata", "fistulosa", "verticillata", "trifoliata", "sessilifolia",
+]
+HABITATS = ("pine flatwoods", "scrub", "hammock", "swamp", "marsh", "sandhill", "urban")
+
+
+def _unique_ints(rng: np.random.Generator, lo: int, hi: int, n: int) -> np.ndarray:
+    """``n`` distinct random integers in [lo, hi), in random order."""
+    out = np.unique(rng.integers(lo, hi, size=int(n * 1.3) + 16))
+    while len(out) < n:
+        out = np.unique(np.concatenate([out, rng.integers(lo, hi, size=n)]))
+    return rng.permutation(out)[:n]
+
+
+def _species_table(rng: np.random.Generator, n_species: int) -> pd.DataFrame:
+    genera = [(fam, gen) for fam, gens in FAMILIES.items() for gen in gens]
+    names, fams, gens = set(), [], []
+    rows = []
+    while len(rows) < n_species:
+        fam, gen = genera[len(rows) % len(genera)] if len(rows) < len(genera) else \
+            genera[int(rng.integers(len(genera)))]
+        epithet = EPITHETS[int(rng.integers(len(EPITHETS)))]
+        name = f"{gen} {epithet}"
+        if name in names:
+            continue
+        names.add(name)
+        fams.append(fam)
+        gens.append(gen)
+        rows.append(name)
+    taxon_ids = _unique_ints(rng, 2_000_000, 9_999_999, n_species)
+    abundance = 1.0 / np.arange(1, n_species + 1) ** 0.9
+    abundance = rng.permutation(abundance)
+    return pd.DataFrame({
+        "taxon_name": rows, "family": fams, "genus": gens,
+        "taxon_id": [str(t) for t in taxon_ids],
+        "abundance": abundance / abundance.sum(),
+        "peak_month": rng.integers(1, 13, size=n_species),
+        "habitat": rng.integers(0, len(HABITATS), size=n_species),
+    })
+
+
+def _language_embeddings(rng: np.random.Generator, species: pd.DataFrame) -> np.ndarray:
+    """7168-d vectors: family centroid + genus offset + species noise (float32)."""
+    fam_codes = {f: i for i, f in enumerate(sorted(set(species.family)))}
+    gen_codes = {g: i for i, g in enumerate(sorted(set(species.genus)))}
+    fam_centres = rng.normal(0, 1.0, (len(fam_codes), L.LANGUAGE_DIM))
+    gen_offsets = rng.normal(0, 0.45, (len(gen_codes), L.LANGUAGE_DIM))
+    out = np.empty((len(species), L.LANGUAGE_DIM), np.float32)
+    for i, row in enumerate(species.itertuples()):
+        out[i] = (fam_centres[fam_codes[row.family]] + gen_offsets[gen_codes[row.genus]]
+                  + rng.normal(0, 0.25, L.LANGUAGE_DIM))
+    return out
+
+
+def _observations(rng: np.random.Generator, preset: Preset, species: pd.DataFrame) -> pd.DataFrame:
+    n = preset.n_observations
+    bbox = L.BBOX
+    # habitat patches: centres inside the bounding box, each of one habitat type
+    n_patches = 48
+    centres = np.column_stack([
+        rng.uniform(bbox["south"] + 0.05, bbox["north"] - 0.05, n_patches),
+        rng.uniform(bbox["west"] + 0.05, bbox["east"] - 0.05, n_patches),
+    ])
+    patch_habitat = np.arange(n_patches) % len(HABITATS)
+    patch_radius = rng.uniform(0.01, 0.06, n_patches)
+    sp = rng.choice(len(species), size=n, p=species.abundance.to_numpy())
+    sp[: len(species)] = np.arange(len(species))  # every species observed at least once
+    rng.shuffle(sp)
+    lat = np.empty(n)
+    lon = np.empty(n)
+    for i, s in enumerate(sp):
+        hab = species.habitat.iat[s]
+        options = np.flatnonzero(patch_habitat == hab)
+        p = options[int(rng.integers(len(options)))] if rng.random() < 0.85 else \
+            int(rng.integers(n_patches))
+        lat[i] = centres[p, 0] + rng.normal(0, patch_radius[p])
+        lon[i] = centres[p, 1] + rng.normal(0, patch_radius[p])
+    lat = np.clip(lat, bbox["south"], bbox["north"])
+    lon = np.clip(lon, bbox["west"], bbox["east"])
+    # years: growing activity 2010-2024, exactly n_test observations in 2025
+    years_train = np.arange(L.YEARS[0], L.TEST_YEAR)
+    w = np.exp((years_train - years_train[0]) * 0.28)
+    year = rng.choice(years_train, size=n, p=w / w.sum())
+    test = rng.choice(n, size=preset.n_test, replace=False)
+    year[test] = L.TEST_YEAR
+    # season: month around each species' peak; diurnal: daylight hours
+    peak = species.peak_month.to_numpy()[sp]
+    month = ((peak - 1 + np.round(rng.normal(0, 1.6, n)).astype(int)) % 12) + 1
+    month = np.where(year == L.TEST_YEAR, ((month - 1) % 10) + 1, month)  # 2025: Jan-Oct
+    day = np.array([rng.integers(1, pd.Period(f"{y}-{m:02d}").days_in_month + 1)
+                    for y, m in zip(year, month, strict=True)])
+    hour = np.clip(np.round(rng.normal(12.5, 2.6, n)), 6, 20).astype(int)
+    minute = rng.integers(0, 60, n)
+    second = rng.integers(0, 60, n)
+    df = pd.DataFrame({
+        "gbif_id": _unique_ints(rng, 1_000_000_000, 5_999_999_999, n),
+        "sp": sp, "latitude": lat, "longitude": lon, "year": year,
+        "month": month.astype(float), "day": day.astype(float), "hour": hour.astype(float),
+        "minute": minute.astype(float), "second": second.astype(float),
+    })
+    # missing time fields: some without seconds, some without time of day, a few without day
+    u = rng.random(n)
+    df.loc[u < 0.10, "second"] = np.nan
+    df.loc[u < 0.05, ["hour", "minute", "second"]] = np.nan
+    df.loc[u < 0.015, ["day", "hour", "minute", "second"]] = np.nan
+    df.loc[u < 0.004, ["month", "day", "hour", "minute", "second"]] = np.nan
+    df["split"] = np.where(df.year == L.TEST_YEAR, "temporal_test", "train")
+    return df
+
+
+def _image_urls(rng: np.random.Generator, n: int, n_with_images: int):
+    num = np.zeros(n, dtype=np.int64)
+    with_images = rng.choice(n, size=n_with_images, replace=False)
+    num[with_images] = 1 + rng.geometric(0.55, size=n_with_images) - 1
+    num = np.minimum(num, 8)
+    photo = iter(_unique_ints(rng, 10_000_000, 400_000_000, int(num.sum())))
+    size = ["original", "large", "medium"]
+    urls = [
+        [f"https://inaturalist-open-data.s3.amazonaws.com/photos/{next(photo)}/"
+         f"{size[int(rng.integers(3))]}.jpg" for _ in range(k)]
+        for k in num
+    ]
+    return urls, num
+
+
+def _vision_plan(rng: np.random.Generator, preset: Preset, num_images: np.ndarray):
+    """Which observations get embeddings and how many (at most their number of images)."""
+    candidates = np.flatnonzero(num_images > 0)
+    multi = candidates[num_images[candidates] > 1]
+    n_obs = preset.n_vision_observations
+    extra = preset.n_embeddings - n_obs
+    # prefer observations with several images so the extra embeddings fit
+    n_multi = min(len(multi), max(extra, 1), n_obs)
+    chosen = list(rng.choice(multi, size=n_multi, replace=False))
+    rest = np.setdiff1d(candidates, chosen)
+    chosen += list(rng.choice(rest, size=n_obs - n_multi, replace=False))
+    chosen = np.array(sorted(chosen))
+    count = np.ones(len(chosen), dtype=np.int64)
+    room = num_images[chosen] - 1
+    i = 0
+    while extra > 0:
+        j = i % len(chosen)
+        if room[j] > 0:
+            count[j] += 1
+            room[j] -= 1
+            extra -= 1
+        i += 1
+        if i > 100 * len(chosen) and extra > 0:
+            raise ValueError("preset asks for more embeddings than images")
+    return chosen, count
+
+
+def _object_mask(rng: np.random.Generator) -> np.ndarray:
+    """A soft ellipse on the 24 x 24 patch grid: the plant in the picture."""
+    cy, cx = rng.uniform(7, 17, 2)
+    ry, rx = rng.uniform(4, 9, 2)
+    angle = rng.uniform(0, np.pi)
+    y, x = np.mgrid[0:L.N_PATCH, 0:L.N_PATCH]
+    dy, dx = y - cy, x - cx
+    u = (dx * np.cos(angle) + dy * np.sin(angle)) / rx
+    v = (-dx * np.sin(angle) + dy * np.cos(angle)) / ry
+    return np.clip(1.2 - (u * u + v * v), 0, 1).astype(np.float32)
+
+
+def synth_embedding(seed: int, signature: np.ndarray, coarse: bool = False) -> np.ndarray:
+    """One (8, 24, 24, 1408) float16 embedding: species signature on an object region.
+
+    ``coarse`` quantises values to 1/8 so that files compress well (tiny preset).
+    """
+    rng = np.random.default_rng(seed)
+    mask = _object_mask(rng)
+    background = rng.normal(0, 0.35, L.N_FEATURES).astype(np.float32)
+    base = (mask[..., None] * (1.6 * signature[None, None, :])
+            + (1 - mask[..., None]) * background[None, None, :]
+            + rng.normal(0, 0.3, (L.N_PATCH, L.N_PATCH, L.N_FEATURES)).astype(np.float32))
+    frames = np.empty(L.VISION_SHAPE, np.float32)
+    for f in range(L.N_FRAMES):  # near-copies: the same still image, 8 tubelets
+        frames[f] = base + rng.normal(0, 0.03, base.shape).astype(np.float32)
+    if coarse:
+        frames = np.round(frames * 8) / 8
+    return frames.astype(np.float16)
+
+
+def write_synthetic(out: str, preset: str | Preset = "tiny", seed: int = 0,
+                    progress: bool = True, overwrite: bool = False) -> str:
+    """Write a synthetic dataset folder at ``out`` and return its path.
+
+    Written into a temporary sibling folder and renamed into place when complete,
+    so an interrupted run leaves no half dataset at ``out``.
+    """
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    if os.path.exists(out):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".synth-", dir=parent)
+    try:
+        _write(tmp, p, seed, progress)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write(root: str, p: Preset, seed: int, progress: bool) -> None:
+    rng = np.random.default_rng(seed)
+    species = _species_table(rng, p.n_species)
+    language = _language_embeddings(rng, species)
+    obs = _observations(rng, p, species)
+    urls, num_images = _image_urls(rng, len(obs), p.n_with_images)
+    vis_obs, vis_count = _vision_plan(rng, p, num_images)
+    # vision signatures per species: genus direction + species detail, 1408-d
+    gen_dirs = {g: rng.normal(0, 1, L.N_FEATURES) for g in sorted(set(species.genus))}
+    signatures = np.stack([
+        0.7 * gen_dirs[g] + 0.7 * rng.normal(0, 1, L.N_FEATURES) for g in species.genus
+    ]).astype(np.float32)
+
+    # embeddings: ordered by observation, spread over files of embeddings_per_file rows
+    emb_rows = [(int(o), k) for o, c in zip(vis_obs, vis_count, strict=True) for k in range(c)]
+    n_files = -(-len(emb_rows) // p.embeddings_per_file)
+    file_of = [i // p.embeddings_per_file for i in range(len(emb_rows))]
+    has_vision = np.zeros(len(obs), dtype=bool)
+    has_vision[vis_obs] = True
+    file_lists: list[list[int]] = [[] for _ in range(len(obs))]
+    for (o, _), f in zip(emb_rows, file_of, strict=True):
+        if f not in file_lists[o]:
+            file_lists[o].append(f)
+
+    sp = obs.sp.to_numpy()
+    table = pa.table({
+        "gbif_id": pa.array(obs.gbif_id.to_numpy(), pa.int64()),
+        "taxon_id": pa.array(species.taxon_id.to_numpy()[sp], pa.string()),
+        "taxon_name": pa.array(species.taxon_name.to_numpy()[sp], pa.string()),
+        "latitude": pa.array(obs.latitude.to_numpy(), pa.float64()),
+        "longitude": pa.array(obs.longitude.to_numpy(), pa.float64()),
+        "year": pa.array(obs.year.to_numpy(), pa.int64()),
+        **{f: pa.array(obs[f].to_numpy(), pa.float64()) for f in L.TIME_FIELDS[1:]},
+        "image_urls": pa.array(urls, pa.list_(pa.string())),
+        "num_images": pa.array(num_images, pa.int64()),
+        "has_vision": pa.array(has_vision, pa.bool_()),
+        "vision_file_indices": pa.array(file_lists, pa.list_(pa.int64())),
+        "language_embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(language[sp].ravel(), pa.float32()), L.LANGUAGE_DIM
+        ).cast(pa.list_(pa.float32())),
+        "split": pa.array(obs.split.to_numpy(), pa.string()),
+    }, schema=L.OBSERVATIONS_SCHEMA)
+    pq.write_table(table, f"{root}/{L.OBSERVATIONS_FILE}", compression=p.compression,
+                   row_group_size=4096)
+    del table
+
+    gbif = obs.gbif_id.to_numpy()
+    index_rows = []
+    os.makedirs(f"{root}/{L.EMBEDDINGS_DIR}")
+    schema = L.embeddings_schema(p.embedding_dtype)
+    value_type = schema.field("embedding").type.value_type
+    bar = tqdm(total=len(emb_rows), desc="synthetic embeddings", unit="emb", disable=not progress)
+    for f in range(n_files):
+        rows = [r for r, fi in zip(emb_rows, file_of, strict=True) if fi == f]
+        with pq.ParquetWriter(f"{root}/{L.embedding_file_name(f)}", schema,
+                              compression=p.compression) as writer:
+            for row_idx, (o, k) in enumerate(rows):
+                emb_seed = int(np.random.SeedSequence([seed, o, k]).generate_state(1)[0])
+                feats = synth_embedding(emb_seed, signatures[sp[o]], coarse=p.embedding_dtype == "float16")
+                values = pa.array(feats.ravel().astype(p.embedding_dtype), value_type)
+                offsets = pa.array([0, L.EMBEDDING_LENGTH], pa.int32())
+                batch = pa.table({
+                    "gbif_id": pa.array([gbif[o]], pa.int64()),
+                    "embedding": pa.ListArray.from_arrays(offsets, values),
+                    "original_shape": pa.array([L.ORIGINAL_SHAPE], pa.string()),
+                }, schema=schema)
+                writer.write_table(batch)  # one row group per embedding: bounded memory
+                index_rows.append((gbif[o], f, row_idx))
+                bar.update(1)
+    bar.close()
+    index = pd.DataFrame(index_rows, columns=["gbif_id", "file_idx", "row_idx"])
+    pq.write_table(pa.Table.from_pandas(index, schema=L.VISION_INDEX_SCHEMA, preserve_index=False),
+                   f"{root}/{L.VISION_INDEX_FILE}")
+
+    with open(f"{root}/{L.VISION_METADATA_FILE}", "w") as fh:
+        json.dump({"model": "V-JEPA 2 ViT-g/384 (synthetic stand-in)",
+                   "original_shape": [L.N_TOKENS, L.N_FEATURES],
+                   "reshape": [L.N_FRAMES, L.N_PATCH, L.N_PATCH, L.N_FEATURES],
+                   "num_embeddings": len(emb_rows), "num_files": n_files}, fh, indent=2)
+    with open(f"{root}/{L.DATASET_INFO_FILE}", "w") as fh:
+        json.dump({"name": "central_florida_native_plants (synthetic)", "version": "0.2.0",
+                   "synthetic": True, "seed": seed,
+                   "num_observations": len(obs), "num_species": int(p.n_species),
+                   "bbox": L.BBOX}, fh, indent=2)
