@@ -23,8 +23,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_gen(args: argparse.Namespace) -> int:
-    from .recipe import load_recipe
     from .pipeline import run_recipe
+    from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, overrides=dict(kv.split("=", 1) for kv in args.set or []))
     result = run_recipe(recipe, progress=not args.quiet)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import source_layout as L
-from .errors import SourceError
+from .errors import NotFoundError, SourceError
 from .timeparse import times_with_precision
 
 
@@ -44,6 +44,14 @@ def _check_columns(schema: pa.Schema, expected: dict, file: str) -> None:
             raise SourceError(
                 f"column has type {field_type}", file=file, column=name, expected=type_text
             )
+
+
+def _read_columns(pf: pq.ParquetFile, columns: list[str], file: str) -> pa.Table:
+    """Read ``columns`` whole, turning decode failures (corrupt pages) into SourceError."""
+    try:
+        return pf.read(columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SourceError(f"cannot decode ({exc})", file=file) from exc
 
 
 class SourceDataset:
@@ -99,11 +107,7 @@ class SourceDataset:
         pf = self._open_parquet(L.OBSERVATIONS_FILE)
         _check_columns(pf.schema_arrow, L.OBSERVATION_COLUMN_TYPES, file)
         columns = [c for c in L.OBSERVATION_COLUMN_TYPES if with_language or c != "language_embedding"]
-        try:
-            table = pf.read(columns=columns)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise SourceError(f"cannot decode ({exc})", file=file) from exc
-        df = table.to_pandas()
+        df = _read_columns(pf, columns, file).to_pandas()
         df["taxon_id"] = df["taxon_id"].astype(str)
         self._validate_observations(df, file)
         df["time"], df["time_precision"] = times_with_precision(df, file)
@@ -129,7 +133,7 @@ class SourceDataset:
             bad = ~np.isfinite(values) | (np.abs(values) > limit)
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
-                raise SourceError(f"{col} = {values[row]!r} is out of range", file=file, row=row,
+                raise SourceError(f"{col} = {float(values[row])!r} is out of range", file=file, row=row,
                                   column=col, expected=f"a value in [-{limit:g}, {limit:g}]")
         bad = ~df["split"].isin(L.SPLITS).to_numpy()
         if bad.any():
@@ -148,8 +152,15 @@ class SourceDataset:
         _check_columns(pf.schema_arrow, L.OBSERVATION_COLUMN_TYPES, file)
         seen: dict[str, tuple[str, np.ndarray]] = {}
         offset = 0
-        for batch in pf.iter_batches(batch_size=4096,
-                                     columns=["taxon_id", "taxon_name", "language_embedding"]):
+        batches = pf.iter_batches(batch_size=4096,
+                                  columns=["taxon_id", "taxon_name", "language_embedding"])
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise SourceError(f"cannot decode ({exc})", file=file, row=offset) from exc
+            if batch is None:
+                break
             taxon_ids = batch.column("taxon_id").cast(pa.string()).to_pylist()
             names = batch.column("taxon_name").to_pylist()
             emb = batch.column("language_embedding")
@@ -182,7 +193,7 @@ class SourceDataset:
         file = self.display(L.VISION_INDEX_FILE)
         pf = self._open_parquet(L.VISION_INDEX_FILE)
         _check_columns(pf.schema_arrow, L.VISION_INDEX_COLUMN_TYPES, file)
-        df = pf.read(columns=list(L.VISION_INDEX_COLUMN_TYPES)).to_pandas()
+        df = _read_columns(pf, list(L.VISION_INDEX_COLUMN_TYPES), file).to_pandas()
         for col in df.columns:
             if df[col].isna().any():
                 row = int(np.flatnonzero(df[col].isna().to_numpy())[0])
@@ -249,7 +260,8 @@ class SourceDataset:
         rel = L.embedding_file_name(file_idx)
         pf = self._open_parquet(rel)
         _check_columns(pf.schema_arrow, L.EMBEDDING_COLUMN_TYPES, self.display(rel))
-        return pf.read(columns=["gbif_id"]).column("gbif_id").to_numpy().astype(np.int64)
+        table = _read_columns(pf, ["gbif_id"], self.display(rel))
+        return table.column("gbif_id").to_numpy().astype(np.int64)
 
     # -- embeddings ----------------------------------------------------------------------
     def iter_file_embeddings(
@@ -299,7 +311,8 @@ class SourceDataset:
             if offsets is not None:
                 start, stop = int(offsets[i]), int(offsets[i + 1])
             else:
-                start, stop = i * emb.type.list_size, (i + 1) * emb.type.list_size
+                size = emb.type.list_size  # .values ignores the array's offset
+                start, stop = (emb.offset + i) * size, (emb.offset + i + 1) * size
             if stop - start != L.EMBEDDING_LENGTH:
                 raise SourceError(
                     f"embedding has {stop - start} values", file=file, row=row,
@@ -327,7 +340,7 @@ class SourceDataset:
         index = self.read_vision_index()
         hit = index[(index.gbif_id == gbif_id) & (index.image_number == image_number)]
         if hit.empty:
-            raise KeyError(f"no embedding for gbif_id {gbif_id} image {image_number}")
+            raise NotFoundError(f"no embedding for gbif_id {gbif_id} image {image_number}")
         rec = hit.iloc[0]
         for _, _, feats in self.iter_file_embeddings(int(rec.file_idx), {int(rec.row_idx)}, dtype):
             return feats

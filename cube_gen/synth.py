@@ -280,6 +280,9 @@ def write_synthetic(out: str, preset: str | Preset = "tiny", seed: int = 0,
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".synth-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the dataset is for everyone
     try:
         _write(tmp, p, seed, progress)
         if os.path.exists(out):

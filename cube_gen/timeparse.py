@@ -49,7 +49,7 @@ def times_with_precision(df: pd.DataFrame, file: str = "observations.parquet"):
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise SourceError(
-                f"{field} = {values[row]!r} is out of range",
+                f"{field} = {float(values[row])!r} is out of range",
                 file=file, row=row, column=field, expected=f"an integer in [{lo}, {hi}] or missing",
             )
         known &= present
