@@ -326,7 +326,9 @@ def _write(root: str, p: Preset, seed: int, progress: bool) -> None:
         "latitude": pa.array(obs.latitude.to_numpy(), pa.float64()),
         "longitude": pa.array(obs.longitude.to_numpy(), pa.float64()),
         "year": pa.array(obs.year.to_numpy(), pa.int64()),
-        **{f: pa.array(obs[f].to_numpy(), pa.float64()) for f in L.TIME_FIELDS[1:]},
+        # missing time fields as parquet nulls, as pandas writes NaN (read back as NaN)
+        **{f: pa.array(obs[f].to_numpy(), pa.float64(), from_pandas=True)
+           for f in L.TIME_FIELDS[1:]},
         "image_urls": pa.array(urls, pa.list_(pa.string())),
         "num_images": pa.array(num_images, pa.int64()),
         "has_vision": pa.array(has_vision, pa.bool_()),
