@@ -40,7 +40,7 @@ demo: install
 		echo "==> deepearth synth --preset demo --out $(DEMO_SOURCE)"; \
 		$(DEEPEARTH) synth --preset demo --out $(DEMO_SOURCE); \
 	fi
-	@if [ ! -d $(DEMO_CUBES) ]; then \
+	@if [ ! -f $(DEMO_CUBES)/cubeset.json ]; then \
 		echo "==> deepearth gen recipes/demo.yaml"; \
 		$(DEEPEARTH) gen recipes/demo.yaml; \
 	fi

@@ -26,3 +26,31 @@ def tiny_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("source") / "tiny"
     write_synthetic(str(path), "tiny", seed=0, progress=False)
     return path
+
+
+def tiny_recipe_data(source: Path, target: Path, **cubes) -> dict:
+    """A recipe mapping for the tiny source (in-process scheduler, small grid tiles)."""
+    data = {
+        "version": 1,
+        "source": {"path": str(source)},
+        "target": {"path": str(target)},
+        "cubes": {"grid": {"resolution": 0.01, "tile_size": 64}, **cubes},
+        "metadata": {"title": "DeepEarth test cubes"},
+        "compute": {"scheduler": "synchronous"},
+    }
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_cubes(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cube set built from ``tiny_source`` by the recipe engine, once per session.
+
+    Returns the cube set folder (observations.zarr, species.zarr, vision.zarr,
+    grid.levels, cubeset.json). Read-only: copy it before changing anything.
+    """
+    from cube_gen.pipeline import run_recipe
+    from cube_gen.recipe import parse_recipe
+
+    target = tmp_path_factory.mktemp("cubes") / "tiny-cubes"
+    run_recipe(parse_recipe(tiny_recipe_data(tiny_source, target)), progress=False)
+    return target
