@@ -8,9 +8,11 @@ read, and a batch of embeddings is read in sorted, coalesced order.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +36,7 @@ class Query:
     bbox: tuple[float, float, float, float] | None = None
     start: np.datetime64 | None = None
     end: np.datetime64 | None = None  # inclusive
-    species: tuple[int, ...] | None = None  # species indices
+    species: tuple[int | str, ...] | None = None  # species indices, taxon ids or names
     split: str | None = None
     has_vision: bool | None = None
 
@@ -46,12 +48,14 @@ class Query:
                 raise ValueError("bbox must be (west, south, east, north)")
         if split is not None and split not in S.SPLIT_CODES:
             raise ValueError(f"split must be one of {', '.join(S.SPLIT_CODES)}")
-        if species is not None and np.ndim(species) == 0:
+        if species is not None and (isinstance(species, str) or np.ndim(species) == 0):
             species = (species,)
         return Query(
             bbox, None if start is None else np.datetime64(pd.Timestamp(start), "ns"),
             None if end is None else np.datetime64(pd.Timestamp(end), "ns"),
-            None if species is None else tuple(int(s) for s in species), split, has_vision,
+            None if species is None else tuple(
+                s.strip() if isinstance(s, str) else int(s) for s in species),
+            split, None if has_vision is None else bool(has_vision),
         )
 
 
@@ -67,6 +71,10 @@ class CubeSet:
             raise CubeError(f"{self.url} is not a complete cube set ({S.MANIFEST} is missing)")
         self._lock = threading.RLock()
         self._cache: dict[str, Any] = {}
+
+    def __reduce__(self):
+        # pickles as (url, storage_options): a process that unpickles it reopens the cubes
+        return (type(self), (self.url, self.storage_options))
 
     @classmethod
     def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> CubeSet:
@@ -187,12 +195,44 @@ class CubeSet:
             })
         return out
 
+    def _species_codes(self, species: tuple | None) -> tuple[int, ...] | None:
+        """Species indices of a query: ints pass through, strings name a taxon_name/taxon_id."""
+        if species is None or all(isinstance(s, int | np.integer) for s in species):
+            return species
+        table = self.species_table()
+        by_name = {str(n).lower(): i for i, n in zip(table.species_index, table.taxon_name,
+                                                     strict=True)}
+        by_id = {str(t): i for i, t in zip(table.species_index, table.taxon_id, strict=True)}
+        out = []
+        for s in species:
+            if isinstance(s, int | np.integer):
+                out.append(int(s))
+                continue
+            key = str(s).strip()
+            hit = by_id.get(key, by_name.get(key.lower()))
+            if hit is None:
+                raise NotFoundError(f"unknown species {s!r} (expected a species index, taxon_id "
+                                    f"or taxon_name of species.zarr, {len(table)} species)")
+            out.append(int(hit))
+        return tuple(out)
+
+    def _obs_chunk(self, c: int, chunk: int, n: int) -> dict[str, np.ndarray]:
+        """The filter columns of one observation chunk (read once, then cached)."""
+        def make():
+            sl = slice(c * chunk, min((c + 1) * chunk, n))
+            part = self.observations.isel(obs=sl)
+            return {k: part[k].values for k in
+                    ("lat", "lon", "time", "species_index", "split", "has_vision")}
+        return self._cached(f"obs_chunk:{c}", make)
+
     def select_observations(self, query: Query | None = None, **kwargs) -> np.ndarray:
         """Positions along ``obs`` matching the query, in cube order.
 
-        Only the chunks whose stored extents intersect the bbox and time range are read.
+        Only the chunks whose stored extents intersect the bbox and time range are read
+        (once: their filter columns are cached).
         """
         q = query or Query.make(**kwargs)
+        species = self._species_codes(q.species)
         ds = self.observations
         n = ds.sizes["obs"]
         chunk = int(ds.attrs.get("obs_chunk_size", n or 1))
@@ -210,121 +250,171 @@ class CubeSet:
             keep &= ext["time_min"] <= q.end
         result = []
         for c in np.flatnonzero(keep):
-            sl = slice(int(c) * chunk, min((int(c) + 1) * chunk, n))
-            part = ds.isel(obs=sl)
-            mask = np.ones(sl.stop - sl.start, bool)
-            if q.bbox is not None:
-                w, s, e, nn = q.bbox
-                lat, lon = part.lat.values, part.lon.values
-                mask &= (lon >= w) & (lon <= e) & (lat >= s) & (lat <= nn)
-            if q.start is not None or q.end is not None:
-                t = part.time.values
-                if q.start is not None:
-                    mask &= t >= q.start
-                if q.end is not None:
-                    mask &= t <= q.end
-            if q.species is not None:
-                mask &= np.isin(part.species_index.values, q.species)
-            if q.split is not None:
-                mask &= part.split.values == S.SPLIT_CODES[q.split]
-            if q.has_vision is not None:
-                mask &= part.has_vision.values == bool(q.has_vision)
-            result.append(np.flatnonzero(mask) + sl.start)
-        return np.concatenate(result) if result else np.zeros(0, np.int64)
+            cols = self._obs_chunk(int(c), chunk, n)
+            mask = _mask(cols, q, species)
+            result.append(np.flatnonzero(mask) + int(c) * chunk)
+        return np.concatenate(result).astype(np.int64) if result else np.zeros(0, np.int64)
 
     # -- vision --------------------------------------------------------------------------
+    def _image_columns(self) -> dict[str, np.ndarray]:
+        def make():
+            t = self.image_table()
+            cols = {k: t[k].to_numpy() for k in t.columns}
+            cols["has_vision"] = np.ones(len(t), bool)
+            return cols
+        return self._cached("image_columns", make)
+
     def image_position(self, gbif_id: int, image_number: int = 0) -> int:
         """Position along ``image`` of embedding (gbif_id, image_number)."""
-        t = self.image_table()
-        ids = t.gbif_id.to_numpy()
+        cols = self._image_columns()
+        ids = cols["gbif_id"]
         lo = int(np.searchsorted(ids, gbif_id, side="left"))
         hi = int(np.searchsorted(ids, gbif_id, side="right"))
         if lo == hi:
             raise NotFoundError(f"no vision embedding for gbif_id {gbif_id}")
-        numbers = t.image_number.to_numpy()[lo:hi]
+        numbers = cols["image_number"][lo:hi]
         hit = np.flatnonzero(numbers == image_number)
         if len(hit) == 0:
             raise NotFoundError(f"gbif_id {gbif_id} has no image {image_number} "
                                 f"(image numbers: {', '.join(str(int(x)) for x in numbers)})")
         return lo + int(hit[0])
 
+    def image_positions(self, gbif_ids: Sequence[int],
+                        image_numbers: Sequence[int] | int = 0) -> np.ndarray:
+        """Positions along ``image`` of many (gbif_id, image_number) pairs, in the given order."""
+        gid = np.asarray(gbif_ids, dtype=np.int64).reshape(-1)
+        num = np.broadcast_to(np.asarray(image_numbers, dtype=np.int64), gid.shape)
+        cols = self._image_columns()
+        ids, numbers = cols["gbif_id"], cols["image_number"].astype(np.int64)
+        # vision.zarr is ordered by (gbif_id, image_number): search on the pair
+        lo = np.searchsorted(ids, gid, side="left")
+        pos = lo + num
+        ok = (num >= 0) & (pos < len(ids))
+        ok[ok] &= (ids[pos[ok]] == gid[ok]) & (numbers[pos[ok]] == num[ok])
+        if not ok.all():
+            k = int(np.flatnonzero(~ok)[0])
+            return np.asarray([self.image_position(int(gid[k]), int(num[k]))])  # raises
+        return pos.astype(np.int64)
+
     def images_of(self, gbif_id: int) -> list[int]:
-        t = self.image_table()
-        ids = t.gbif_id.to_numpy()
+        ids = self._image_columns()["gbif_id"]
         return list(range(int(np.searchsorted(ids, gbif_id)),
                           int(np.searchsorted(ids, gbif_id, side="right"))))
 
     def select_images(self, query: Query | None = None, **kwargs) -> np.ndarray:
-        """Positions along ``image`` matching the query."""
+        """Positions along ``image`` matching the query, ascending."""
         q = query or Query.make(**kwargs)
-        t = self.image_table()
-        mask = np.ones(len(t), bool)
-        if q.bbox is not None:
-            w, s, e, n = q.bbox
-            mask &= (t.lon >= w).to_numpy() & (t.lon <= e).to_numpy()
-            mask &= (t.lat >= s).to_numpy() & (t.lat <= n).to_numpy()
-        if q.start is not None:
-            mask &= (t.time.to_numpy() >= q.start)
-        if q.end is not None:
-            mask &= (t.time.to_numpy() <= q.end)
-        if q.species is not None:
-            mask &= np.isin(t.species_index.to_numpy(), q.species)
-        if q.split is not None:
-            mask &= t.split.to_numpy() == S.SPLIT_CODES[q.split]
-        return np.flatnonzero(mask)
+        return np.flatnonzero(_mask(self._image_columns(), q, self._species_codes(q.species)))
 
     def _features_array(self) -> zarr.Array:
         return self._zarr_array(S.VISION, "features")
 
+    def _raw_layout(self) -> _RawLayout | None:
+        """How to read features as raw bytes from local files, or None (use zarr)."""
+        return self._cached("raw_layout", lambda: _raw_layout(
+            self._features_array(), self.target,
+            os.path.join(self.target.root, S.CUBE_PATHS[S.VISION], "features")))
+
     def _raw_chunk_path(self, image: int) -> str | None:
-        """Local file of an image's chunk when it can be read as raw bytes, else None."""
-        def info():
-            arr = self._features_array()
-            meta = arr.metadata
-            if not self.target.is_local or getattr(meta, "zarr_format", 3) != 3:
-                return None
-            codecs = [type(c).__name__ for c in meta.codecs]
-            if codecs != ["BytesCodec"] or arr.chunks[0] != 1:
-                return None
-            if tuple(arr.chunks[1:]) != tuple(arr.shape[1:]):
-                return None
-            sep = meta.chunk_key_encoding.separator
-            prefix = meta.chunk_key_encoding.name
-            return (os.path.join(self.target.root, S.CUBE_PATHS[S.VISION], "features"), sep,
-                    prefix, arr.dtype, arr.shape[1:])
-        spec = self._cached("raw_chunk", info)
-        if spec is None:
-            return None
-        root, sep, prefix, _, _ = spec
-        key = sep.join(["c" if prefix == "default" else "", str(image), "0", "0", "0", "0"])
-        key = key if prefix == "default" else key.lstrip(sep)
-        return os.path.join(root, *key.split(sep)) if sep == "/" else os.path.join(root, key)
+        """Local file holding an image's features as raw bytes, else None."""
+        layout = self._raw_layout()
+        return None if layout is None else layout.file_of(image)[0]
 
-    def features(self, image: int, dtype: str | None = None) -> np.ndarray:
-        """The (frame, patch_y, patch_x, feature) tensor of the image at position ``image``."""
-        arr = self._features_array()
-        if not 0 <= image < arr.shape[0]:
-            raise NotFoundError(f"image position {image} is out of range [0, {arr.shape[0]})")
-        path = self._raw_chunk_path(image)
-        if path is not None and os.path.exists(path):
-            out = np.fromfile(path, dtype=arr.dtype).reshape(arr.shape[1:])
-        else:
-            out = arr[image]
-        return out if dtype is None else out.astype(dtype, copy=False)
+    def _check_images(self, images: np.ndarray, n: int) -> None:
+        bad = (images < 0) | (images >= n)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise NotFoundError(f"image position {int(images[k])} is out of range [0, {n})"
+                                + (f" (item {k} of the batch)" if images.ndim and len(images) > 1
+                                   else ""))
 
-    def features_batch(self, images: Sequence[int], dtype: str | None = None) -> np.ndarray:
-        """Tensors of many images, read in ascending order and returned in the given order."""
-        images = np.asarray(images, dtype=np.int64)
-        arr = self._features_array()
-        out = np.empty((len(images), *arr.shape[1:]), dtype=dtype or arr.dtype)
-        for k in np.argsort(images, kind="stable"):
-            out[k] = self.features(int(images[k]))
+    def _out_for(self, lead: tuple[int, ...], frame: int | None, dtype, out: np.ndarray | None,
+                 arr: zarr.Array) -> np.ndarray:
+        if frame is not None and not 0 <= int(frame) < arr.shape[1]:
+            raise ValueError(f"frame must be in [0, {arr.shape[1]}), got {frame}")
+        shape = (*lead, *(arr.shape[1:] if frame is None else arr.shape[2:]))
+        want = np.dtype(arr.dtype if dtype is None else dtype)
+        if out is None:
+            return np.empty(shape, want)
+        if out.shape != shape or (dtype is not None and out.dtype != want):
+            raise ValueError(f"out has shape {out.shape} and dtype {out.dtype}; expected shape "
+                             f"{shape}" + (f" and dtype {want}" if dtype is not None else ""))
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out must be a writeable C-contiguous array")
         return out
 
+    def features(self, image: int, dtype: str | None = None, *, frame: int | None = None,
+                 out: np.ndarray | None = None) -> np.ndarray:
+        """The (frame, patch_y, patch_x, feature) tensor of the image at position ``image``.
+
+        ``frame``: only that frame, (patch_y, patch_x, feature). ``dtype``: convert (e.g.
+        float32). ``out``: a preallocated C-contiguous array to read into (returned).
+        Uncompressed local cubes are read straight from the chunk (or shard) file into the
+        result; anything else (compressed, remote) goes through zarr.
+        """
+        arr = self._features_array()
+        n = arr.shape[0]
+        try:
+            image = operator.index(image)
+        except TypeError:
+            raise TypeError(f"image must be an integer position, got {image!r}") from None
+        if not 0 <= image < n:
+            raise NotFoundError(f"image position {image} is out of range [0, {n})")
+        result = self._out_for((), frame, dtype, out, arr)
+        layout = self._raw_layout()
+        if layout is not None and layout.read([image], [result], frame):
+            return result
+        data = arr[image] if frame is None else arr[image, int(frame)]
+        if out is None:
+            return data if result.dtype == data.dtype else data.astype(result.dtype)
+        result[...] = data
+        return result
+
+    def features_batch(self, images: Sequence[int], dtype: str | None = None, *,
+                       frame: int | None = None, out: np.ndarray | None = None,
+                       max_workers: int | None = None) -> np.ndarray:
+        """Tensors of many images as one (n, ...) array, in the given order.
+
+        Reads are coalesced: each distinct image is read once, in ascending position
+        (file) order; neighbouring images of one shard are read by one ``preadv``;
+        through zarr (compressed or remote cubes), contiguous runs are read with one
+        selection each, runs in parallel on ``max_workers`` threads.
+        """
+        arr = self._features_array()
+        images = np.asarray(images, dtype=np.int64).reshape(-1)
+        self._check_images(images, arr.shape[0])
+        result = self._out_for((len(images),), frame, dtype, out, arr)
+        if len(images) == 0:
+            return result
+        uniq, first, inverse = np.unique(images, return_index=True, return_inverse=True)
+        layout = self._raw_layout()
+        todo = uniq
+        if layout is not None:
+            workers = max_workers or min(_LOCAL_THREADS, os.cpu_count() or 1)
+            missing = layout.read_many(uniq, result, first, frame, workers)
+            todo = uniq[missing]
+        if len(todo):
+            workers = max_workers or (_REMOTE_THREADS if not self.target.is_local
+                                      else min(_LOCAL_THREADS, os.cpu_count() or 1))
+            slot = dict(zip(uniq.tolist(), first.tolist(), strict=True))
+            _zarr_runs(arr, todo, [slot[int(i)] for i in todo], result, frame, workers)
+        dup = np.flatnonzero(first[inverse] != np.arange(len(images)))
+        for k in dup:  # repeated positions: copy the one read
+            result[k] = result[first[inverse[k]]]
+        return result
+
     def pooled(self, images: Sequence[int] | None = None) -> np.ndarray:
-        """Mean-pooled 1408-d vectors (all, or of the given positions)."""
-        allp = self._cached("pooled", lambda: self._zarr_array(S.VISION, "pooled")[:])
-        return allp if images is None else allp[np.asarray(images, dtype=np.int64)]
+        """Mean-pooled 1408-d vectors (all, read-only; or a copy for the given positions)."""
+        def make():
+            allp = self._zarr_array(S.VISION, "pooled")[:]
+            allp.flags.writeable = False
+            return allp
+        allp = self._cached("pooled", make)
+        if images is None:
+            return allp
+        images = np.asarray(images, dtype=np.int64)
+        self._check_images(images.reshape(-1), len(allp))
+        return allp[images]
 
     def attention(self, image: int, method: str = "l2norm", frame: str | int = "mean") -> np.ndarray:
         """Precomputed raw (24, 24) attention map."""
@@ -357,3 +447,244 @@ class CubeSet:
         for cube, path in S.CUBE_PATHS.items():
             lines.append(f"  {cube}: {path}")
         return "\n".join(lines)
+
+
+# -- selections --------------------------------------------------------------------------------
+def _mask(cols: dict[str, np.ndarray], q: Query, species: tuple[int, ...] | None) -> np.ndarray:
+    """Rows of ``cols`` (lat, lon, time, species_index, split, has_vision) matching ``q``."""
+    mask = np.ones(len(cols["lat"]), bool)
+    if q.bbox is not None:
+        w, s, e, n = q.bbox
+        lat, lon = cols["lat"], cols["lon"]
+        mask &= (lon >= w) & (lon <= e) & (lat >= s) & (lat <= n)
+    if q.start is not None:
+        mask &= cols["time"] >= q.start
+    if q.end is not None:
+        mask &= cols["time"] <= q.end
+    if species is not None:
+        mask &= np.isin(cols["species_index"], np.asarray(species, dtype=np.int64))
+    if q.split is not None:
+        mask &= cols["split"] == S.SPLIT_CODES[q.split]
+    if q.has_vision is not None:
+        mask &= cols["has_vision"] == bool(q.has_vision)
+    return mask
+
+
+# -- raw reads of uncompressed features ----------------------------------------------------
+_LOCAL_THREADS = 2  # parallel local reads in a batch (more does not help: memory/disk bound)
+_REMOTE_THREADS = 8  # parallel zarr selections in a batch (object stores: latency bound)
+_RUN_MAX = 4  # images per zarr selection in a batch (bounds the bytes in flight)
+_IOV_MAX = 512  # buffers per preadv call (Linux allows 1024)
+_NO_CHUNK = 2**64 - 1  # shard index entry of a chunk that was never written
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+
+
+def _read_into(fd: int, views: list[np.ndarray], offset: int, path: str) -> None:
+    """Fill the uint8 ``views`` from ``fd`` at ``offset`` (one preadv when the kernel allows)."""
+    views = list(views)
+    pos = offset
+    while views:
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, views[:_IOV_MAX], pos)
+        else:  # pragma: no cover - platforms without preadv (Windows)
+            os.lseek(fd, pos, os.SEEK_SET)
+            with open(fd, "rb", buffering=0, closefd=False) as f:
+                got = f.readinto(views[0]) or 0
+        if got == 0:
+            raise CubeError(f"{path}: chunk data is truncated at byte {pos} (expected "
+                            f"{sum(v.nbytes for v in views)} more bytes)")
+        pos += got
+        while views and got >= views[0].nbytes:
+            got -= views[0].nbytes
+            views.pop(0)
+        if views and got:
+            views[0] = views[0][got:]
+
+
+class _RawLayout:
+    """Where each image's features lie as raw bytes in local files.
+
+    Applies to uncompressed Zarr v3 arrays (bytes codec only; optionally sharded with an
+    uncompressed inner chunk per image) and uncompressed C-order Zarr v2 arrays, whose
+    chunks hold exactly one image each.
+    """
+
+    def __init__(self, root: str, dtype: np.dtype, shape: tuple[int, ...], key, per_file: int,
+                 index_at_end: bool):
+        self.root = root
+        self.dtype = dtype  # stored dtype, with its byte order
+        self.shape = shape
+        self.key = key  # file index -> chunk key
+        self.per_file = per_file  # images per file: 1 (plain chunks) or the shard size
+        self.index_at_end = index_at_end
+        self.item_nbytes = int(np.prod(shape)) * dtype.itemsize
+        self.frame_nbytes = self.item_nbytes // shape[0]
+        self._index: dict[str, np.ndarray] = {}
+
+    def file_of(self, image: int) -> tuple[str, int]:
+        f, slot = divmod(int(image), self.per_file)
+        return os.path.join(self.root, *self.key(f).split("/")), slot
+
+    def _shard_index(self, fd: int, path: str) -> np.ndarray:
+        index = self._index.get(path)
+        if index is None:
+            nbytes = 16 * self.per_file
+            at = os.fstat(fd).st_size - nbytes - 4 if self.index_at_end else 0
+            raw = np.empty(nbytes, np.uint8)
+            _read_into(fd, [raw], at, path)
+            index = raw.view("<u8").reshape(self.per_file, 2)
+            self._index[path] = index  # a dict store is atomic: no lock needed
+        return index
+
+    def _offset(self, fd: int, path: str, slot: int) -> int | None:
+        if self.per_file == 1:
+            return 0
+        off, nbytes = (int(v) for v in self._shard_index(fd, path)[slot])
+        if off == _NO_CHUNK:
+            return None
+        if nbytes != self.item_nbytes:
+            raise CubeError(f"{path}: inner chunk {slot} has {nbytes} bytes, expected "
+                            f"{self.item_nbytes} (uncompressed)")
+        return off
+
+    def read_file(self, path: str, items: list[tuple[int, np.ndarray]],
+                  frame: int | None) -> list[int]:
+        """Read ``(slot, out)`` items of one file; returns the indices of missing chunks."""
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            return list(range(len(items)))
+        missing = []
+        try:
+            located = []
+            for k, (slot, out) in enumerate(items):
+                off = self._offset(fd, path, slot)
+                if off is None:
+                    missing.append(k)
+                    continue
+                if frame is not None:
+                    off += int(frame) * self.frame_nbytes
+                located.append((off, out))
+            located.sort(key=lambda t: t[0])
+            size = self.item_nbytes if frame is None else self.frame_nbytes
+            run: list[np.ndarray] = []
+            start = end = -1
+            for off, out in located:  # coalesce back-to-back inner chunks into one preadv
+                if run and off != end:
+                    self._flush(fd, path, run, start)
+                    run = []
+                if not run:
+                    start = off
+                run.append(out)
+                end = off + size
+            if run:
+                self._flush(fd, path, run, start)
+        finally:
+            os.close(fd)
+        return missing
+
+    def _flush(self, fd: int, path: str, outs: list[np.ndarray], offset: int) -> None:
+        direct = [o.dtype == self.dtype for o in outs]
+        bufs = [o if d else np.empty(o.shape, self.dtype) for o, d in zip(outs, direct, strict=True)]
+        _read_into(fd, [b.reshape(-1).view(np.uint8) for b in bufs], offset, path)
+        for o, b, d in zip(outs, bufs, direct, strict=True):
+            if not d:
+                o[...] = b
+
+    def read(self, images: Sequence[int], outs: Sequence[np.ndarray], frame: int | None) -> bool:
+        """Read single images (all in one file); False when a chunk was never written."""
+        path, _ = self.file_of(images[0])
+        items = [(self.file_of(i)[1], o) for i, o in zip(images, outs, strict=True)]
+        return not self.read_file(path, items, frame)
+
+    def read_many(self, images: np.ndarray, result: np.ndarray, rows: np.ndarray,
+                  frame: int | None, workers: int) -> np.ndarray:
+        """Read sorted distinct ``images`` into ``result[rows]``; mask of the missing ones."""
+        groups: dict[str, list[int]] = {}
+        for k, image in enumerate(images.tolist()):
+            groups.setdefault(self.file_of(image)[0], []).append(k)
+
+        def one(path_ks):
+            path, ks = path_ks
+            items = [(self.file_of(int(images[k]))[1], result[rows[k]]) for k in ks]
+            return [ks[m] for m in self.read_file(path, items, frame)]
+
+        jobs = list(groups.items())
+        if workers > 1 and len(jobs) > 1:
+            with ThreadPoolExecutor(min(workers, len(jobs))) as pool:
+                found = list(pool.map(one, jobs))
+        else:
+            found = [one(j) for j in jobs]
+        missing = np.zeros(len(images), bool)
+        for ks in found:
+            missing[ks] = True
+        return missing
+
+
+def _raw_layout(arr: zarr.Array, target: Target, root: str) -> _RawLayout | None:
+    """The raw layout of the features array when it has one (else reads go through zarr)."""
+    if not target.is_local:
+        return None
+    try:
+        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+        meta = arr.metadata
+        shape = tuple(int(s) for s in arr.shape[1:])
+        ndim = len(shape) + 1
+        if meta.zarr_format == 2:
+            if meta.compressor is not None or meta.filters or meta.order != "C":
+                return None
+            if tuple(arr.chunks) != (1, *shape):
+                return None
+            sep = meta.dimension_separator or "."
+            dtype = np.dtype(meta.dtype.to_native_dtype())
+            return _RawLayout(root, dtype, shape,
+                              lambda f: sep.join([str(f)] + ["0"] * (ndim - 1)), 1, True)
+        codecs = list(meta.codecs)
+        per_file, at_end = 1, True
+        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+            sh = codecs[0]
+            idx = list(sh.index_codecs)
+            outer = tuple(meta.chunk_grid.chunk_shape)
+            if (tuple(sh.chunk_shape) != (1, *shape) or outer[1:] != shape
+                    or len(idx) != 2 or not isinstance(idx[0], BytesCodec)
+                    or str(getattr(idx[0].endian, "value", idx[0].endian)) != "little"
+                    or not isinstance(idx[1], Crc32cCodec)):
+                return None
+            per_file = int(outer[0])
+            at_end = str(getattr(sh.index_location, "value", sh.index_location)) == "end"
+            codecs = list(sh.codecs)
+        elif tuple(arr.chunks) != (1, *shape):
+            return None
+        if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
+            return None
+        endian = str(getattr(codecs[0].endian, "value", codecs[0].endian))
+        dtype = np.dtype(arr.dtype).newbyteorder(">" if endian == "big" else "<")
+        enc = meta.chunk_key_encoding
+        return _RawLayout(root, dtype, shape,
+                          lambda f: enc.encode_chunk_key((f,) + (0,) * (ndim - 1)), per_file,
+                          at_end)
+    except (AttributeError, TypeError, ValueError):  # an unfamiliar zarr layout: use zarr
+        return None
+
+
+def _zarr_runs(arr: zarr.Array, positions: np.ndarray, rows: Sequence[int], result: np.ndarray,
+               frame: int | None, workers: int) -> None:
+    """Read sorted distinct ``positions`` through zarr into ``result[rows]``, run by run."""
+    positions = np.asarray(positions, dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    runs = [seg[k:k + _RUN_MAX] for seg in np.split(np.arange(len(positions)), breaks)
+            for k in range(0, len(seg), _RUN_MAX)]
+
+    def fetch(seg: np.ndarray) -> None:
+        a, b = int(positions[seg[0]]), int(positions[seg[-1]]) + 1
+        data = arr[a:b] if frame is None else arr[a:b, int(frame)]
+        for j, k in enumerate(seg):
+            result[rows[k]] = data[j]
+
+    if workers > 1 and len(runs) > 1:
+        with ThreadPoolExecutor(min(workers, len(runs))) as pool:
+            list(pool.map(fetch, runs))
+    else:
+        for seg in runs:
+            fetch(seg)

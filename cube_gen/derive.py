@@ -26,7 +26,7 @@ def species_projection(language: np.ndarray, min_cluster_size: int = 3, seed: in
                                 standardise=True)
     n = len(language)
     if n >= max(min_cluster_size, 2):
-        cluster = HDBSCAN(min_cluster_size=min_cluster_size).fit_predict(coords).astype(np.int32)
+        cluster = HDBSCAN(min_cluster_size=min_cluster_size, copy=True).fit_predict(coords).astype(np.int32)
     else:
         cluster = np.full(n, -1, np.int32)
     scaled = np.stack([normalise(coords[:, i]) for i in range(3)], axis=-1) if n else coords

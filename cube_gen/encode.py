@@ -104,7 +104,8 @@ def write_dataset(ds: xr.Dataset, url: str, storage_options: Mapping[str, Any] |
     # dask placeholders must be chunked like the Zarr arrays
     for name, e in encoding.items():
         if name in ds.variables and isinstance(ds[name].data, da.Array):
-            ds[name] = ds[name].chunk(dict(zip(ds[name].dims, e["chunks"], strict=True)))
+            unit = e.get("shards") or e["chunks"]
+            ds[name] = ds[name].chunk(dict(zip(ds[name].dims, unit, strict=True)))
     ds.to_zarr(url, mode="w", encoding=dict(encoding), zarr_format=zarr_format,
                consolidated=True, compute=compute, **kwargs)
 

@@ -191,11 +191,16 @@ class Recipe:
         return self.data["cubes"]
 
     def fingerprint(self) -> str:
-        """Hash of everything that determines the cube contents (not compute settings)."""
-        relevant = {k: v for k, v in self.data.items() if k not in ("compute",)}
-        relevant = copy.deepcopy(relevant)
-        relevant["target"] = {"path": relevant["target"]["path"]}
+        """Hash of what determines the cube contents: source, encodings, metadata.
+
+        Compute settings, storage options and the target's location are left out, so a
+        cube set copied elsewhere is still recognised as built by the same recipe.
+        """
+        relevant = {k: copy.deepcopy(v) for k, v in self.data.items()
+                    if k not in ("compute", "target")}
         relevant["source"] = {"path": relevant["source"]["path"]}
+        # scheduling granularity does not change the data
+        relevant["cubes"]["vision"].pop("batch_size", None)
         blob = json.dumps(relevant, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

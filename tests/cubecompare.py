@@ -1,0 +1,42 @@
+"""Comparing two cube sets value by value (used by resume and S3 tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from cube_gen import schema as S
+
+# attributes that legitimately differ between two builds of the same data
+VOLATILE_ATTRS = {"date_created", "deepearth_recipe", "source", "history"}
+
+
+def _clean(ds: xr.Dataset) -> xr.Dataset:
+    ds = ds.copy()
+    ds.attrs = {k: v for k, v in ds.attrs.items() if k not in VOLATILE_ATTRS}
+    return ds
+
+
+def open_cube(url: str, cube: str, level: int = 0, storage_options=None) -> xr.Dataset:
+    path = f"{url}/{S.CUBE_PATHS[cube]}"
+    if cube == S.GRID:
+        path = f"{path}/{level}.zarr"
+    return xr.open_zarr(path, consolidated=True, storage_options=storage_options)
+
+
+def assert_cubesets_equal(a: str, b: str, a_options=None, b_options=None) -> None:
+    """Every variable, coordinate and (non-volatile) attribute of every cube is equal."""
+    for cube in S.CUBES:
+        levels = [0, 1] if cube == S.GRID else [0]
+        for level in levels:
+            x = _clean(open_cube(a, cube, level, a_options)).load()
+            y = _clean(open_cube(b, cube, level, b_options)).load()
+            assert set(x.variables) == set(y.variables), (cube, set(x.variables) ^ set(y.variables))
+            for name in x.variables:
+                vx, vy = x[name].values, y[name].values
+                if vx.dtype.kind in "fc":
+                    np.testing.assert_array_equal(vx, vy, err_msg=f"{cube}/{name}")
+                else:
+                    assert vx.tolist() == vy.tolist(), f"{cube}/{name} differs"
+                assert x[name].attrs == y[name].attrs, f"{cube}/{name} attrs differ"
+            assert x.attrs == y.attrs, f"{cube} attrs differ"
