@@ -1,0 +1,218 @@
+"""``deepearth serve``: write an xcube server config for a cube set and run ``xcube serve``.
+
+The config holds
+
+* ``Datasets``: the grid pyramid (``grid.levels``), the only gridded cube, with a style per
+  variable (value range ``[0, color_value_max]`` from the variable's attributes) and an RGB
+  composite of ``embedding_r/g/b``; tables and embeddings are not xcube datasets;
+* ``DeepEarth``: the plugin section naming the cube set (see :mod:`server.config`);
+* ``Viewer: Configuration: Path``: the repository's ``viewer/`` folder when it exists.
+
+The same file works with plain ``xcube serve -c config.yml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cube_gen import schema as S
+from cube_gen.errors import DeepEarthError
+
+from .config import DEFAULTS, SECTION
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATASET_ID = "grid"
+STYLE_ID = "deepearth"
+
+COLOR_BARS = {
+    "observation_count": "viridis",
+    "species_richness": "plasma",
+    "shannon_diversity": "magma",
+    "vision_count": "cividis",
+    "embedding_r": "Reds",
+    "embedding_g": "Greens",
+    "embedding_b": "Blues",
+}
+SPECIES_COLOR_BAR = "YlOrRd"
+VARIABLE_ORDER = ("observation_count", "species_richness", "shannon_diversity", "vision_count",
+                  "embedding_r", "embedding_g", "embedding_b")
+
+
+def _grid_variables(cubeset: str, storage_options: dict[str, Any] | None):
+    """``(title, [(name, color_value_max)])`` of the grid's level 0."""
+    from cube_gen.access import CubeSet
+
+    cs = CubeSet.open(cubeset, storage_options)
+    ds = cs.grid(0)
+    names = [v for v in VARIABLE_ORDER if v in ds.data_vars]
+    names += sorted(v for v in ds.data_vars
+                    if v.startswith(S.TOP_SPECIES_PREFIX) and v not in names)
+    names += sorted(v for v in ds.data_vars if v not in names and ds[v].ndim == 3)
+    out = []
+    for name in names:
+        vmax = ds[name].attrs.get("color_value_max")
+        if vmax is None:
+            vmax = S.GRID_VARS[name].attrs.get("color_value_max", 1.0) if name in S.GRID_VARS \
+                else 1.0
+        out.append((name, float(vmax)))
+    title = str(ds.attrs.get("title") or cs.manifest.get("title") or "DeepEarth grid")
+    return title, out
+
+
+def _style(variables: list[tuple[str, float]]) -> dict[str, Any]:
+    mappings: dict[str, Any] = {}
+    for name, vmax in variables:
+        bar = COLOR_BARS.get(name, SPECIES_COLOR_BAR if name.startswith(S.TOP_SPECIES_PREFIX)
+                             else "viridis")
+        mappings[name] = {"ColorBar": bar, "ValueRange": [0.0, vmax]}
+    names = {n for n, _ in variables}
+    if {"embedding_r", "embedding_g", "embedding_b"} <= names:
+        mappings["rgb"] = {
+            channel: {"Variable": f"embedding_{c}", "ValueRange": [0.0, 1.0]}
+            for channel, c in (("Red", "r"), ("Green", "g"), ("Blue", "b"))
+        }
+    return {"Identifier": STYLE_ID, "ColorMappings": mappings}
+
+
+def _dataset_location(cubeset: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """How xcube finds grid.levels: local path, or S3 path with xcube's own S3 keys.
+
+    Returns ``{"dataset": {...}}`` for a plain ``Datasets`` entry, or ``{"store": {...}}``
+    for a ``DataStores`` entry when the storage options need more than xcube's
+    ``Anonymous``/``Endpoint``/``Region`` keys (e.g. credentials).
+    """
+    grid = S.CUBE_PATHS[S.GRID]
+    if "://" not in cubeset or cubeset.startswith("file://"):
+        root = cubeset[len("file://"):] if cubeset.startswith("file://") else cubeset
+        return {"dataset": {"FileSystem": "file",
+                            "Path": str(Path(root).resolve() / grid)}}
+    protocol, rest = cubeset.split("://", 1)
+    if protocol != "s3":
+        raise DeepEarthError(f"xcube can serve the grid from local paths and s3:// only, "
+                             f"not {protocol}://")
+    opts = dict(storage_options)
+    client = dict(opts.pop("client_kwargs", {}) or {})
+    simple: dict[str, Any] = {}
+    if "anon" in opts:
+        simple["Anonymous"] = bool(opts.pop("anon"))
+    if "endpoint_url" in client:
+        simple["Endpoint"] = client.pop("endpoint_url")
+    elif "endpoint_url" in opts:
+        simple["Endpoint"] = opts.pop("endpoint_url")
+    if "region_name" in client:
+        simple["Region"] = client.pop("region_name")
+    if not opts and not client:
+        return {"dataset": {"FileSystem": "s3", "Path": f"{rest.rstrip('/')}/{grid}",
+                            **simple}}
+    return {"store": {"Identifier": "deepearth", "StoreId": "s3",
+                      "StoreParams": {"root": rest.rstrip("/"),
+                                      "storage_options": dict(storage_options)},
+                      "Datasets": [{"Path": grid}]}}
+
+
+def viewer_section(repo_root: Path = REPO_ROOT) -> dict[str, Any] | None:
+    """The ``Viewer`` config section: the repository's viewer/ folder, if it exists."""
+    viewer = repo_root / "viewer"
+    if not viewer.is_dir():
+        return None
+    return {"Configuration": {"Path": str(viewer)}}
+
+
+def make_config(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
+                storage_options: dict[str, Any] | None = None,
+                cache_bytes: int | None = None, repo_root: Path = REPO_ROOT,
+                plugin: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The xcube server config for a cube set (a plain dict, ready for YAML)."""
+    storage_options = dict(storage_options or {})
+    if "://" not in cubeset:
+        cubeset = str(Path(cubeset).resolve())
+    title, variables = _grid_variables(cubeset, storage_options or None)
+    common = {
+        "Identifier": DATASET_ID,
+        "Title": title,
+        "Style": STYLE_ID,
+        "Variables": [name for name, _ in variables],
+    }
+    location = _dataset_location(cubeset, storage_options)
+    section: dict[str, Any] = {"CubeSet": cubeset,
+                               "CacheBytes": int(cache_bytes or DEFAULTS["CacheBytes"])}
+    if storage_options:
+        section["StorageOptions"] = storage_options
+    section.update(plugin or {})
+    config: dict[str, Any] = {"port": int(port), "address": address}
+    if "dataset" in location:
+        config["Datasets"] = [{**common, **location["dataset"]}]
+    else:
+        store = location["store"]
+        store["Datasets"] = [{**store["Datasets"][0], **common}]
+        config["DataStores"] = [store]
+    config["Styles"] = [_style(variables)]
+    config[SECTION] = section
+    viewer = viewer_section(repo_root)
+    if viewer:
+        config["Viewer"] = viewer
+    return config
+
+
+def write_config(config: dict[str, Any], path: str | os.PathLike) -> str:
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("# xcube server config written by `deepearth serve`; "
+                "run it with `xcube serve -c <this file>`\n")
+        yaml.safe_dump(config, f, sort_keys=False, default_flow_style=None)
+    return path
+
+
+def xcube_command() -> list[str]:
+    exe = Path(sys.executable).parent / "xcube"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("xcube")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "xcube.cli.main"]
+
+
+def serve(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
+          config_out: str | None = None, storage_options_json: str | None = None,
+          dry_run: bool = False) -> int:
+    """Write the config and run ``xcube serve -c`` on it (until interrupted)."""
+    try:
+        storage_options = json.loads(storage_options_json) if storage_options_json else {}
+    except ValueError as exc:
+        raise DeepEarthError(f"--storage-options is not valid JSON: {exc}") from None
+    if not isinstance(storage_options, dict):
+        raise DeepEarthError("--storage-options must be a JSON object")
+    config = make_config(cubeset, port=port, address=address, storage_options=storage_options)
+    if config_out is None:
+        config_out = os.path.join(tempfile.mkdtemp(prefix="deepearth-serve-"), "config.yml")
+    write_config(config, config_out)
+    if dry_run:
+        print(f"# {config_out}")
+        print(yaml.safe_dump(config, sort_keys=False, default_flow_style=None), end="")
+        return 0
+    cmd = [*xcube_command(), "serve", "-c", config_out, "--port", str(port),
+           "--address", address]
+    print(f"config: {config_out}\nserving http://{address}:{port}/deepearth "
+          f"(viewer: http://{address}:{port}/viewer/)", flush=True)
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
