@@ -100,6 +100,9 @@ def _labels(names) -> np.ndarray:
     return np.asarray(list(names), dtype=object)
 
 
+STAGE_SECONDS: dict[str, float] = {}  # wall time of each stage of the last run (benchmarks)
+
+
 class _Stage:
     def __init__(self, name: str, progress: bool):
         self.name = name
@@ -107,8 +110,10 @@ class _Stage:
         self.t0 = time.perf_counter()
 
     def done(self, note: str = "") -> None:
+        seconds = time.perf_counter() - self.t0
+        STAGE_SECONDS[self.name] = seconds
         if self.progress:
-            tqdm.write(f"[{self.name}] done in {time.perf_counter() - self.t0:.1f} s {note}")
+            tqdm.write(f"[{self.name}] done in {seconds:.1f} s {note}")
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -124,6 +129,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> str:
         return target.url
 
     # read and validate the whole source before touching the target
+    STAGE_SECONDS.clear()
     stage = _Stage("read", progress)
     source = SourceDataset(recipe.source["path"], recipe.source["storage_options"])
     obs_raw = source.read_observations()
