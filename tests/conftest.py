@@ -54,3 +54,33 @@ def tiny_cubes(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     target = tmp_path_factory.mktemp("cubes") / "tiny-cubes"
     run_recipe(parse_recipe(tiny_recipe_data(tiny_source, target)), progress=False)
     return target
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server on a free loopback port for the session (see tests/s3_server.py)."""
+    from s3_server import moto_s3
+
+    with moto_s3() as server:
+        server.create_bucket("deepearth")
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_cubes(s3, tiny_source: Path) -> str:
+    """The tiny cube set built by a recipe that reads the source from S3 and writes to S3.
+
+    Returns the cube set URL ``s3://deepearth/cubes``; ``s3.storage_options`` opens it.
+    """
+    import s3fs
+
+    from cube_gen.pipeline import run_recipe
+    from cube_gen.recipe import parse_recipe
+
+    fs = s3fs.S3FileSystem(**s3.storage_options)
+    fs.put(str(tiny_source), "deepearth/source", recursive=True)
+    data = tiny_recipe_data("s3://deepearth/source", "s3://deepearth/cubes")
+    data["source"]["storage_options"] = s3.storage_options
+    data["target"]["storage_options"] = s3.storage_options
+    run_recipe(parse_recipe(data), progress=False)
+    return "s3://deepearth/cubes"
