@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from threadpoolctl import threadpool_limits
 from xcube.constants import LOG
 from xcube.server.api import ApiContext, Context
 from xcube.server.config import resolve_config_path
@@ -72,6 +73,9 @@ class DeepEarthContext(ApiContext):
             int(self.settings["MaxWorkers"]), thread_name_prefix="deepearth")
         self.heavy_executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="deepearth-heavy")
+        # Requests run concurrently on worker threads: one BLAS thread each, or
+        # multi-threaded BLAS spin-waits on the busy cores (see cube_gen.embedding_math).
+        threadpool_limits(limits=1, user_api="blas")
         self._open()
 
     def on_dispose(self):

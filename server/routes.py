@@ -121,7 +121,12 @@ class Handler(ApiHandler[DeepEarthContext]):
     def send_png(self, data: bytes) -> None:
         self._finish(data, "image/png", headers={"Cache-Control": "public, max-age=3600"})
 
-    def send_array(self, arr: np.ndarray, fmt: str, name: str) -> None:
+    async def reply_json(self, obj: Any, content_type: str = "application/json") -> None:
+        """Serialise on a worker thread (large payloads), then write."""
+        self._finish(await self.ctx.run(json_bytes, obj), content_type)
+
+    async def reply_array(self, arr: np.ndarray, fmt: str, name: str) -> None:
+        """Encode on a worker thread (tens of MB), then write."""
         headers = {
             "X-DeepEarth-Dtype": arr.dtype.name,
             "X-DeepEarth-Shape": ",".join(str(n) for n in arr.shape),
@@ -131,10 +136,12 @@ class Handler(ApiHandler[DeepEarthContext]):
         }
         if fmt == "npy":
             headers["Content-Disposition"] = f'attachment; filename="{name}.npy"'
-            self._finish(npy_bytes(arr), "application/x-npy", headers=headers)
+            self._finish(await self.ctx.run(npy_bytes, arr), "application/x-npy",
+                         headers=headers)
         else:
             headers["Content-Disposition"] = f'attachment; filename="{name}.bin"'
-            self._finish(arr.tobytes(), "application/octet-stream", headers=headers)
+            self._finish(await self.ctx.run(arr.tobytes), "application/octet-stream",
+                         headers=headers)
 
     def send_problem(self, problem: ApiProblem) -> None:
         self._finish(json_bytes(problem.body()), "application/json", problem.status)
@@ -311,15 +318,20 @@ class ObservationsHandler(Handler):
         fmt = P.choice(q, "format", ["json", "geojson"], "json")
         page = await self.ctx.call("observations", f, offset, limit)
         if fmt == "json":
-            self.send_json(page)
+            await self.reply_json(page)
             return
-        features = [{"type": "Feature", "id": r["gbif_id"],
-                     "geometry": {"type": "Point", "coordinates": [r["lon"], r["lat"]]},
-                     "properties": r} for r in page["observations"]]
-        self.send_json({"type": "FeatureCollection", "numberMatched": page["total"],
-                        "numberReturned": page["returned"], "offset": offset, "limit": limit,
-                        "next_offset": page["next_offset"], "query": page["query"],
-                        "features": features}, content_type="application/geo+json")
+        await self.reply_json(await self.ctx.run(_feature_collection, page),
+                              content_type="application/geo+json")
+
+
+def _feature_collection(page: dict[str, Any]) -> dict[str, Any]:
+    features = [{"type": "Feature", "id": r["gbif_id"],
+                 "geometry": {"type": "Point", "coordinates": [r["lon"], r["lat"]]},
+                 "properties": r} for r in page["observations"]]
+    return {"type": "FeatureCollection", "numberMatched": page["total"],
+            "numberReturned": page["returned"], "offset": page["offset"],
+            "limit": page["limit"], "next_offset": page["next_offset"],
+            "query": page["query"], "features": features}
 
 
 @api.route(URL_PREFIX + "/observations/{gbif_id}")
@@ -339,7 +351,7 @@ class ObservationHandler(Handler):
                 ("features", "/features"), ("pooled", "/pooled"),
                 ("attention", "/attention.png"), ("attention_values", "/attention.json"),
                 ("umap_rgb", "/umap_rgb.png"), ("stats", "/stats"), ("similar", "/similar"))}
-        self.send_json(rec)
+        await self.reply_json(rec)
 
 
 @api.route(URL_PREFIX + "/species")
@@ -349,7 +361,7 @@ class SpeciesListHandler(Handler):
     @endpoint("deepearthSpeciesList", "Species: names, counts, colours, clusters",
               responses=json_ok("All species in species.zarr order"))
     async def get(self):
-        self.send_json(await self.ctx.call("species_list"))
+        await self.reply_json(await self.ctx.call("species_list"))
 
 
 @api.route(URL_PREFIX + "/species/{species}")
@@ -360,7 +372,7 @@ class SpeciesHandler(Handler):
               parameters=[P.SPECIES_PATH, *PAGING], responses=json_ok("The species"))
     async def get(self, species: str):
         offset, limit = paging(self.ctx, self.query)
-        self.send_json(await self.ctx.call("species", species, offset, limit))
+        await self.reply_json(await self.ctx.call("species", species, offset, limit))
 
 
 @api.route(URL_PREFIX + "/species/{species}/similar")
@@ -378,7 +390,7 @@ class SimilarSpeciesHandler(Handler):
     async def get(self, species: str):
         k = P.integer(self.query, "k", 10, 1, int(self.ctx.settings["MaxK"]))
         include_self = P.boolean(self.query, "include_self", False)
-        self.send_json(await self.ctx.call("similar_species", species, k, include_self))
+        await self.reply_json(await self.ctx.call("similar_species", species, k, include_self))
 
 
 @api.route(URL_PREFIX + "/embeddings")
@@ -391,7 +403,7 @@ class EmbeddingsHandler(Handler):
     async def get(self):
         f = filters(self.query)
         offset, limit = paging(self.ctx, self.query)
-        self.send_json(await self.ctx.call("embeddings", f, offset, limit))
+        await self.reply_json(await self.ctx.call("embeddings", f, offset, limit))
 
 
 @api.route(URL_PREFIX + "/embeddings/batch")
@@ -462,7 +474,7 @@ class BatchHandler(Handler):
                                  "ids", allowed, item)
             pairs.append((item[0], item[1]))
         arr = await self.ctx.call("batch", pairs, kind, dtype)
-        self.send_array(arr, fmt, f"batch-{kind}")
+        await self.reply_array(arr, fmt, f"batch-{kind}")
 
 
 def _feature_slice(query, shape: tuple[int, ...]) -> FeatureSlice:
@@ -511,7 +523,7 @@ class FeaturesHandler(Handler):
         def work(svc):
             return svc.features(gid, num, _feature_slice(q, svc.feature_shape()), dtype)
         arr = await self.ctx.call_with(work)
-        self.send_array(arr, fmt, f"features-{gid}-{num}")
+        await self.reply_array(arr, fmt, f"features-{gid}-{num}")
 
 
 @api.route(URL_PREFIX + "/embeddings/{gbif_id}/{image_number}/pooled")
@@ -532,10 +544,10 @@ class PooledHandler(Handler):
         fmt = P.choice(self.query, "format", ["npy", "raw", "json"], "npy")
         arr = await self.ctx.call("pooled", gid, num, dtype)
         if fmt == "json":
-            self.send_json({"gbif_id": gid, "image_number": num, "dtype": dtype,
+            await self.reply_json({"gbif_id": gid, "image_number": num, "dtype": dtype,
                             "pooled": arr.astype(np.float64).tolist()})
         else:
-            self.send_array(arr, fmt, f"pooled-{gid}-{num}")
+            await self.reply_array(arr, fmt, f"pooled-{gid}-{num}")
 
 
 ATTENTION_PARAMS = [
@@ -593,7 +605,7 @@ class AttentionJsonHandler(Handler):
         gid = path_int("gbif_id", gbif_id)
         num = path_int("image_number", image_number, 0, 65535)
         method, frame = _attention_args(self.query)
-        self.send_json(await self.ctx.call("attention", gid, num, method, frame))
+        await self.reply_json(await self.ctx.call("attention", gid, num, method, frame))
 
 
 @api.route(URL_PREFIX + "/embeddings/{gbif_id}/{image_number}/umap_rgb.png")
@@ -635,7 +647,7 @@ class ImageStatsHandler(Handler):
     async def get(self, gbif_id: str, image_number: str):
         gid = path_int("gbif_id", gbif_id)
         num = path_int("image_number", image_number, 0, 65535)
-        self.send_json(await self.ctx.call("image_stats", gid, num))
+        await self.reply_json(await self.ctx.call("image_stats", gid, num))
 
 
 @api.route(URL_PREFIX + "/embeddings/{gbif_id}/{image_number}/similar")
@@ -657,7 +669,8 @@ class SimilarEmbeddingsHandler(Handler):
         k = P.integer(self.query, "k", 10, 1, int(self.ctx.settings["MaxK"]))
         f = filters(self.query)
         include_self = P.boolean(self.query, "include_self", False)
-        self.send_json(await self.ctx.call("similar_embeddings", gid, num, k, f, include_self))
+        await self.reply_json(await self.ctx.call("similar_embeddings", gid, num, k, f,
+                                                  include_self))
 
 
 @api.route(URL_PREFIX + "/umap/species")
@@ -667,7 +680,7 @@ class SpeciesUmapHandler(Handler):
     @endpoint("deepearthSpeciesUmap", "Language UMAP of the species: 3-D coordinates, "
               "clusters, colours", responses=json_ok("species with x, y, z and clusters"))
     async def get(self):
-        self.send_json(await self.ctx.call("species_umap"))
+        await self.reply_json(await self.ctx.call("species_umap"))
 
 
 @api.route(URL_PREFIX + "/umap/vision")
@@ -692,7 +705,7 @@ class VisionUmapHandler(Handler):
         result = await self.ctx.call("vision_umap_cached", f, max_points)
         if result is None:
             result = await self.ctx.call("vision_umap", f, max_points, heavy=True)
-        self.send_json(result)
+        await self.reply_json(result)
 
 
 @api.route(URL_PREFIX + "/stats/region")
@@ -708,7 +721,7 @@ class RegionStatsHandler(Handler):
         omitted): species composition, counts per year and per month of year, richness,
         Shannon H' (natural log), Simpson dominance sum(p^2), Gini-Simpson 1 - sum(p^2),
         inverse Simpson and Pielou evenness."""
-        self.send_json(await self.ctx.call("region_stats", filters(self.query)))
+        await self.reply_json(await self.ctx.call("region_stats", filters(self.query)))
 
 
 @api.route(URL_PREFIX + "/{*rest}")
