@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,23 @@ from .store import Target, zarr_store
 from .timeparse import PRECISIONS
 
 SPLIT_NAMES = {v: k for k, v in S.SPLIT_CODES.items()}
+
+
+def _reset_dask_pools() -> None:
+    """Forget dask's thread pools in a forked child (their threads did not survive the fork).
+
+    Without this, the first dask computation in a forked process (a DataLoader worker)
+    waits forever on the parent's dead pool.
+    """
+    threaded = sys.modules.get("dask.threaded")
+    if threaded is not None:
+        threaded.default_pool = None
+        threaded.pools.clear()
+        threaded.pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_dask_pools)
 
 
 @dataclass(frozen=True)
@@ -86,6 +104,12 @@ class CubeSet:
         return xr.open_zarr(url, consolidated=True,
                             storage_options=self.storage_options or None)
 
+    def _plain(self, cube: str) -> xr.Dataset:
+        """The cube without dask (lazy numpy indexing): cheap small reads, safe after fork."""
+        url = self.target.url_of(S.CUBE_PATHS[cube])
+        return self._cached(f"plain:{cube}", lambda: xr.open_zarr(
+            url, consolidated=True, chunks=None, storage_options=self.storage_options or None))
+
     def _cached(self, key: str, make):
         with self._lock:
             if key not in self._cache:
@@ -120,7 +144,7 @@ class CubeSet:
     def species_table(self) -> pd.DataFrame:
         """Species index, taxon id, name, counts, cluster and colours."""
         def make():
-            ds = self.species
+            ds = self._plain(S.SPECIES)
             return pd.DataFrame({
                 "species_index": ds.species.values.astype(int),
                 "taxon_id": ds.taxon_id.values.astype(object),
@@ -137,7 +161,7 @@ class CubeSet:
     def image_table(self) -> pd.DataFrame:
         """One row per embedding: gbif_id, image_number, obs/species index, time, lat, lon, split."""
         def make():
-            ds = self.vision
+            ds = self._plain(S.VISION)
             names = ("gbif_id", "image_number", "obs_index", "species_index", "time", "lat", "lon",
                      "split")
             return pd.DataFrame({k: ds[k].values for k in names})
@@ -146,7 +170,7 @@ class CubeSet:
     # -- observations --------------------------------------------------------------------
     def _id_index(self) -> tuple[np.ndarray, np.ndarray]:
         def make():
-            ds = self.observations
+            ds = self._plain(S.OBSERVATIONS)
             return ds.gbif_id_sorted.values, ds.gbif_id_order.values
         return self._cached("id_index", make)
 
@@ -220,7 +244,7 @@ class CubeSet:
         """The filter columns of one observation chunk (read once, then cached)."""
         def make():
             sl = slice(c * chunk, min((c + 1) * chunk, n))
-            part = self.observations.isel(obs=sl)
+            part = self._plain(S.OBSERVATIONS).isel(obs=sl)
             return {k: part[k].values for k in
                     ("lat", "lon", "time", "species_index", "split", "has_vision")}
         return self._cached(f"obs_chunk:{c}", make)
@@ -233,7 +257,7 @@ class CubeSet:
         """
         q = query or Query.make(**kwargs)
         species = self._species_codes(q.species)
-        ds = self.observations
+        ds = self._plain(S.OBSERVATIONS)
         n = ds.sizes["obs"]
         chunk = int(ds.attrs.get("obs_chunk_size", n or 1))
         ext = self._cached("chunk_extents", lambda: {
@@ -433,11 +457,11 @@ class CubeSet:
         return arr[image]
 
     def image_stats(self, image: int) -> dict[str, float]:
-        ds = self.vision
+        ds = self._plain(S.VISION)
         return {k: float(ds[f"stat_{k}"].values[image]) for k in S.IMAGE_STATS}
 
     def language_embeddings(self) -> np.ndarray:
-        return self._cached("language", lambda: self.species.language_embedding.values)
+        return self._cached("language", lambda: self._plain(S.SPECIES).language_embedding.values)
 
     def describe(self) -> str:
         m = self.manifest
