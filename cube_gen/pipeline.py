@@ -83,6 +83,26 @@ def _cube_attrs(recipe: Recipe, cube: str, extra: dict | None = None) -> dict:
     return {k: v for k, v in attrs.items() if v != ""}
 
 
+def _done_marker(target: Target, cube: str) -> str:
+    return target.staging(f"{S.CUBE_PATHS[cube]}.done")
+
+
+def _mark_staged(target: Target, cube: str, fingerprint: str) -> None:
+    """Record that the staged cube is complete (written after its last byte)."""
+    target.write_json(_done_marker(target, cube), {"recipe": fingerprint})
+
+
+def _state(target: Target, cube: str, fingerprint: str) -> str:
+    """``published`` (final path, this recipe), ``staged`` (complete in staging) or ``todo``."""
+    if _published(target, cube, fingerprint):
+        return "published"
+    marker = target.read_json(_done_marker(target, cube))
+    if marker and marker.get("recipe") == fingerprint and target.fs.exists(
+            target.staging(S.CUBE_PATHS[cube])):
+        return "staged"
+    return "todo"
+
+
 def _published(target: Target, cube: str, fingerprint: str) -> bool:
     path = target.path(S.CUBE_PATHS[cube])
     if cube == S.GRID:
@@ -143,23 +163,32 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> str:
     obs = order_observations(obs_raw, species, bbox)
     images = order_images(vindex, obs)
 
-    # a changed recipe invalidates the manifest first: the set is no longer complete
-    if manifest is not None and manifest.get("recipe") != fingerprint:
-        target.remove(target.path(S.MANIFEST))
-
-    pooled = None
-    if not _published(target, S.VISION, fingerprint):
-        pooled = build_vision(recipe, target, images, species, progress)
-    if pooled is None:
-        pooled = xr.open_zarr(target.url_of(S.CUBE_PATHS[S.VISION]),
-                              storage_options=target.storage_options or None)["pooled"].values
-    if not _published(target, S.SPECIES, fingerprint):
+    # Build every cube that is neither published nor staged by this recipe. Nothing at
+    # the final paths changes until all cubes are staged, so a source error found while
+    # streaming embeddings leaves a previously published cube set untouched.
+    state = {c: _state(target, c, fingerprint) for c in S.CUBES}
+    if state[S.VISION] == "todo":
+        build_vision(recipe, target, images, species, progress)
+        state[S.VISION] = "staged"
+    vision_url = target.url_of(S.CUBE_PATHS[S.VISION]) if state[S.VISION] == "published" \
+        else target.staging_url(S.CUBE_PATHS[S.VISION])
+    pooled = xr.open_zarr(vision_url, storage_options=target.storage_options or None,
+                          consolidated=True)["pooled"].values
+    if state[S.SPECIES] == "todo":
         build_species(recipe, target, species, images, progress)
-    if not _published(target, S.OBSERVATIONS, fingerprint):
+    if state[S.OBSERVATIONS] == "todo":
         build_observations(recipe, target, obs, images, progress)
-    if not _published(target, S.GRID, fingerprint):
+    if state[S.GRID] == "todo":
         build_grid(recipe, target, obs, images, pooled, species, progress)
 
+    # Publish: the manifest goes first (the set is incomplete from here on) and comes back
+    # last; each cube moves into place whole.
+    target.remove(target.path(S.MANIFEST))
+    for cube in S.CUBES:
+        if _state(target, cube, fingerprint) == "staged":
+            name = S.CUBE_PATHS[cube]
+            target.publish(target.staging(name), target.path(name))
+            target.remove(_done_marker(target, cube))
     target.write_json(target.path(S.MANIFEST), {
         "recipe": fingerprint,
         "schema_version": S.SCHEMA_VERSION,
@@ -188,6 +217,7 @@ def build_vision(recipe: Recipe, target: Target, images: pd.DataFrame, species: 
     # (re)create the staged template unless it belongs to this recipe
     template = open_staged_template(staged_url, target.storage_options)
     if template is None or template.attrs.get("deepearth_recipe") != fingerprint:
+        target.remove(_done_marker(target, S.VISION))
         target.remove(target.staging(name))
         target.remove(target.staging("vision.parts"))
         coords = {
@@ -268,7 +298,7 @@ def build_vision(recipe: Recipe, target: Target, images: pd.DataFrame, species: 
     group["umap_rgb"].attrs["computed"] = bool(cfg["umap_rgb"])
     group.attrs["deepearth_status"] = "complete"
     zarr.consolidate_metadata(group.store)
-    target.publish(target.staging(name), target.path(name))
+    _mark_staged(target, S.VISION, fingerprint)
     target.remove(target.staging("vision.parts"))
     stage.done(f"({n} embeddings)")
     return pooled
@@ -300,7 +330,7 @@ def build_species(recipe: Recipe, target: Target, species: pd.DataFrame, images:
     ds = ds.set_coords(["taxon_id", "taxon_name"])
     ds["umap"].attrs["projection_method"] = method
     ds.attrs.update(_cube_attrs(recipe, S.SPECIES, {"n_clusters": int(cluster.max()) + 1}))
-    _write_and_publish(target, S.SPECIES, ds, encoding_for(ds, S.SPECIES_VARS, cfg, {}), cfg)
+    _write_staged(recipe, target, S.SPECIES, ds, encoding_for(ds, S.SPECIES_VARS, cfg, {}), cfg)
     stage.done(f"({len(species)} species, {int(cluster.max()) + 1} clusters, {method})")
 
 
@@ -349,15 +379,17 @@ def build_observations(recipe: Recipe, target: Target, obs: pd.DataFrame, images
         chunks[c] = (cfg["chunk_size"],)
     chunks["gbif_id_sorted"] = chunks["gbif_id_order"] = (max(cfg["chunk_size"] * 4, 1),)
     enc = encoding_for(ds, S.OBSERVATION_VARS, cfg, chunks, n_rows={"obs": n})
-    _write_and_publish(target, S.OBSERVATIONS, ds, enc, cfg)
+    _write_staged(recipe, target, S.OBSERVATIONS, ds, enc, cfg)
     stage.done(f"({n} observations)")
 
 
-def _write_and_publish(target: Target, cube: str, ds: xr.Dataset, enc: dict, cfg: dict) -> None:
+def _write_staged(recipe: Recipe, target: Target, cube: str, ds: xr.Dataset, enc: dict,
+                  cfg: dict) -> None:
     name = S.CUBE_PATHS[cube]
+    target.remove(_done_marker(target, cube))
     target.remove(target.staging(name))
     write_dataset(ds, target.staging_url(name), target.storage_options, enc, cfg["zarr_format"])
-    target.publish(target.staging(name), target.path(name))
+    _mark_staged(target, cube, recipe.fingerprint())
 
 
 # -- grid ----------------------------------------------------------------------------------
@@ -390,6 +422,7 @@ def build_grid(recipe: Recipe, target: Target, obs: pd.DataFrame, images: pd.Dat
     top = list(counts_all.index[: cfg["top_species"]])
     name = S.CUBE_PATHS[S.GRID]
     staged = target.staging(name)
+    target.remove(_done_marker(target, S.GRID))
     target.remove(staged)
     target.fs.mkdirs(staged, exist_ok=True)
     target.write_json(f"{staged}/.zlevels", {
@@ -450,7 +483,7 @@ def build_grid(recipe: Recipe, target: Target, obs: pd.DataFrame, images: pd.Dat
         del t
         write_dataset(ds, target.staging_url(name, f"{level}.zarr"), target.storage_options, enc,
                       cfg["zarr_format"])
-    target.publish(staged, target.path(name))
+    _mark_staged(target, S.GRID, recipe.fingerprint())
     stage.done(f"({num_levels} levels, {len(bins)} time steps, {nx} x {ny} cells at level 0)")
 
 
