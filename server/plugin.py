@@ -8,6 +8,11 @@ from xcube.util import extension
 
 def init_plugin(ext_registry: extension.ExtensionRegistry) -> None:
     """Register the DeepEarth server API (imported lazily, when a server starts)."""
+    # First: xcube orders APIs by dependency count, then registration, and the "deepearth"
+    # API's /deepearth/{*rest} route would otherwise shadow /deepearth/wmts/...
+    ext_registry.add_extension(loader=extension.import_component("server.wmts:api"),
+                               point=EXTENSION_POINT_SERVER_APIS, name="deepearth-wmts",
+                               description="DeepEarth WMTS (grid layers)")
     ext_registry.add_extension(
         loader=extension.import_component("server.routes:api"),
         point=EXTENSION_POINT_SERVER_APIS,
