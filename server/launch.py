@@ -13,13 +13,17 @@ The same file works with plain ``xcube serve -c config.yml``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +125,20 @@ def _dataset_location(cubeset: str, storage_options: dict[str, Any]) -> dict[str
 
 
 def viewer_section(repo_root: Path = REPO_ROOT) -> dict[str, Any] | None:
-    """The ``Viewer`` config section: the repository's viewer/ folder, if it exists."""
-    viewer = repo_root / "viewer"
-    if not viewer.is_dir():
-        return None
-    return {"Configuration": {"Path": str(viewer)}}
+    """The ``Viewer`` config section: branding from the repository's ``viewer/`` folder and
+    the panels extension (:mod:`server.panels`); None without ``viewer/config.json``."""
+    from .viewer_setup import viewer_section as section
+
+    return section(repo_root)
+
+
+def viewer_static_routes(repo_root: Path = REPO_ROOT) -> dict[str, Any]:
+    """``{"static_routes": [...]}`` serving the viewer copy with our notes at ``/viewer``
+    (prepared now in ``viewer/.dist``; see :func:`server.viewer_setup.viewer_static_routes`)."""
+    from .viewer_setup import viewer_static_routes as routes
+
+    found = routes(repo_root)
+    return {"static_routes": found} if found else {}
 
 
 def make_config(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
@@ -161,6 +174,7 @@ def make_config(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
     viewer = viewer_section(repo_root)
     if viewer:
         config["Viewer"] = viewer
+        config.update(viewer_static_routes(repo_root))
     return config
 
 
@@ -216,3 +230,79 @@ def serve(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
         except subprocess.TimeoutExpired:
             proc.kill()
             return proc.wait()
+
+
+# -- a server in the background (tests, benchmarks, notebooks) -----------------------------
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def running(config_path: str | os.PathLike, port: int, log_path: str | os.PathLike,
+            timeout: float = 120.0, address: str = "127.0.0.1",
+            env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run ``xcube serve -c config_path`` in the background until the block ends.
+
+    Waits until ``/deepearth/health`` answers, yields the base URL, then stops the
+    server's process group (SIGTERM, then SIGKILL after 10 s).
+    """
+    import requests
+
+    log_path = Path(log_path)
+    url = f"http://{address}:{port}"
+    cmd = [*xcube_command(), "serve", "-c", str(config_path), "--port", str(port),
+           "--address", address]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise DeepEarthError(f"xcube serve exited with {proc.returncode}:\n"
+                                     f"{_tail(log_path)}")
+            try:
+                if requests.get(url + "/deepearth/health", timeout=5).status_code < 600:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise DeepEarthError(f"xcube serve not ready after {timeout} s:\n"
+                                     f"{_tail(log_path)}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def serving(cubeset: str, workdir: str | os.PathLike, plugin: dict[str, Any] | None = None,
+            storage_options: dict[str, Any] | None = None,
+            timeout: float = 120.0) -> Iterator[str]:
+    """Write the config for a cube set into ``workdir`` and run plain ``xcube serve`` on it."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = make_config(str(cubeset), port=port, address="127.0.0.1",
+                         storage_options=storage_options, plugin=plugin)
+    path = write_config(config, workdir / "config.yml")
+    with running(path, port, workdir / "xcube-serve.log", timeout=timeout) as url:
+        yield url

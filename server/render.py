@@ -7,7 +7,8 @@ coloured with a matplotlib colormap and given alpha = value x ``alpha``.
 
 from __future__ import annotations
 
-import io
+import struct
+import zlib
 from functools import lru_cache
 
 import numpy as np
@@ -23,6 +24,16 @@ def colormap_names() -> tuple[str, ...]:
     return tuple(sorted(matplotlib.colormaps))
 
 
+@lru_cache(maxsize=256)
+def get_colormap(name: str):
+    """A matplotlib colormap, initialised once (the registry hands out fresh copies)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps[name]
+    cmap(0.5)  # build the lookup table now, not concurrently on first use
+    return cmap
+
+
 def resize_bilinear(values: np.ndarray, size: int) -> np.ndarray:
     """(h, w) float32 -> (size, size) float32 by bilinear interpolation (PIL, pixel centres)."""
     v = np.ascontiguousarray(values, dtype=np.float32)
@@ -35,20 +46,33 @@ def resize_bilinear(values: np.ndarray, size: int) -> np.ndarray:
 def attention_rgba(raw: np.ndarray, colormap: str = "plasma", alpha: float = 0.7,
                    size: int = 384) -> np.ndarray:
     """(size, size, 4) uint8 RGBA image of a raw attention map."""
-    import matplotlib
-
     norm = normalise(raw)
     values = resize_bilinear(norm, size)
-    rgba = matplotlib.colormaps[colormap](values)  # float64 (size, size, 4)
-    rgba[..., 3] = values * alpha
-    return np.round(rgba * 255).astype(np.uint8)
+    rgba = get_colormap(colormap)(values, bytes=True)  # uint8 (size, size, 4)
+    rgba[..., 3] = np.round(values * (alpha * 255.0)).astype(np.uint8)
+    return rgba
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + tag + data
+            + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
 
 
 def png_bytes(image: np.ndarray, compress_level: int = 1) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG",
-                                                      compress_level=compress_level)
-    return buf.getvalue()
+    """PNG of an (h, w, 3|4) uint8 image: no row filter, zlib level 1.
+
+    Several times faster than Pillow's adaptive filtering for the same or smaller
+    files on these smooth images.
+    """
+    img = np.ascontiguousarray(image, dtype=np.uint8)
+    h, w, c = img.shape
+    color_type = {3: 2, 4: 6}[c]
+    rows = np.zeros((h, w * c + 1), np.uint8)  # filter byte 0 (None) on every row
+    rows[:, 1:] = img.reshape(h, w * c)
+    header = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
+            + _chunk(b"IDAT", zlib.compress(rows.tobytes(), compress_level))
+            + _chunk(b"IEND", b""))
 
 
 def attention_png(raw: np.ndarray, colormap: str = "plasma", alpha: float = 0.7,
@@ -63,6 +87,4 @@ def rgb_png(rgb: np.ndarray, size: int = 384, resample: str = "nearest") -> byte
         method = Image.Resampling.NEAREST if resample == "nearest" else \
             Image.Resampling.BILINEAR
         img = img.resize((size, size), method)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return png_bytes(np.asarray(img))

@@ -93,9 +93,10 @@ def json_bytes(obj: Any) -> bytes:
     return json.dumps(_clean(obj), separators=(",", ":"), allow_nan=False).encode()
 
 
-def npy_bytes(arr: np.ndarray) -> bytes:
+def npy_header(arr: np.ndarray) -> bytes:
+    """The .npy header (format 1.0) of a C-contiguous array; the raw bytes follow it."""
     buf = io.BytesIO()
-    np.lib.format.write_array(buf, arr, allow_pickle=False)
+    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
     return buf.getvalue()
 
 
@@ -107,11 +108,13 @@ class Handler(ApiHandler[DeepEarthContext]):
         return self.request.query
 
     def _finish(self, data: bytes, content_type: str, status: int = 200,
-                headers: dict[str, str] | None = None) -> None:
+                headers: dict[str, str] | None = None, prefix: bytes | None = None) -> None:
         self.response.set_status(status)
         self.response.set_header("Content-Type", content_type)
         for k, v in (headers or {}).items():
             self.response.set_header(k, v)
+        if prefix:
+            self.response.write(prefix)
         self.response.finish(data)
 
     def send_json(self, obj: Any, content_type: str = "application/json",
@@ -134,14 +137,13 @@ class Handler(ApiHandler[DeepEarthContext]):
             "Access-Control-Expose-Headers": "X-DeepEarth-Dtype, X-DeepEarth-Shape, "
                                              "X-DeepEarth-Byte-Order",
         }
+        data = await self.ctx.run(np.ascontiguousarray(arr).tobytes)  # one copy, off-loop
         if fmt == "npy":
             headers["Content-Disposition"] = f'attachment; filename="{name}.npy"'
-            self._finish(await self.ctx.run(npy_bytes, arr), "application/x-npy",
-                         headers=headers)
+            self._finish(data, "application/x-npy", headers=headers, prefix=npy_header(arr))
         else:
             headers["Content-Disposition"] = f'attachment; filename="{name}.bin"'
-            self._finish(await self.ctx.run(arr.tobytes), "application/octet-stream",
-                         headers=headers)
+            self._finish(data, "application/octet-stream", headers=headers)
 
     def send_problem(self, problem: ApiProblem) -> None:
         self._finish(json_bytes(problem.body()), "application/json", problem.status)
@@ -243,14 +245,12 @@ class IndexHandler(Handler):
     @endpoint("deepearthIndex", "List the DeepEarth API endpoints",
               responses=json_ok("API name, version and endpoints"))
     async def get(self):
-        doc = self.ctx.get_open_api_doc()
         ops = []
-        for path, item in doc.get("paths", {}).items():
-            if not path.startswith(URL_PREFIX) or "{*rest}" in path:
-                continue
-            for method, op in item.items():
-                if isinstance(op, dict) and "operationId" in op:
-                    ops.append({"method": method.upper(), "path": path,
+        for route in api.routes:
+            for method in ("get", "post"):
+                op = getattr(getattr(route.handler_cls, method, None), "__openapi__", None)
+                if op:
+                    ops.append({"method": method.upper(), "path": route.path,
                                 "operation_id": op["operationId"],
                                 "summary": op.get("summary", "")})
         self.send_json({"api": "deepearth", "version": API_VERSION,

@@ -133,7 +133,7 @@ class DeepEarthService:
             images.append({
                 "image_number": n,
                 "image_url": rec["image_urls"][n] if n < len(rec["image_urls"]) else None,
-                "stats": self.cs.image_stats(p),
+                "stats": self._stats_of(p),
             })
         rec["species"] = analysis.species_record(self.cs, rec["species_index"])
         rec["embeddings"] = images
@@ -234,10 +234,17 @@ class DeepEarthService:
         return self.cache.get_or_compute(("umap_rgb", pos),
                                          lambda: compute_umap_rgb(self._tensor(pos)))
 
+    def _stats_of(self, pos: int) -> dict[str, float]:
+        """Per-image statistics from columns read once (the whole ``image`` dim)."""
+        cols = self.cache.get_or_compute(
+            ("stat_columns",),
+            lambda: {k: self.cs.vision[f"stat_{k}"].values for k in S.IMAGE_STATS})
+        return {k: float(v[pos]) for k, v in cols.items()}
+
     def image_stats(self, gbif_id: int, image_number: int) -> dict[str, Any]:
         pos = self.image_position(gbif_id, image_number)
         return {"gbif_id": gbif_id, "image_number": image_number,
-                "stats": self.cs.image_stats(pos), "descriptions": dict(S.IMAGE_STATS)}
+                "stats": self._stats_of(pos), "descriptions": dict(S.IMAGE_STATS)}
 
     def similar_embeddings(self, gbif_id: int, image_number: int, k: int, f: Filters,
                            include_self: bool) -> dict[str, Any]:
