@@ -132,13 +132,14 @@ def viewer_section(repo_root: Path = REPO_ROOT) -> dict[str, Any] | None:
     return section(repo_root)
 
 
-def viewer_static_routes(repo_root: Path = REPO_ROOT) -> dict[str, Any]:
-    """``{"static_routes": [...]}`` serving the viewer copy with our notes at ``/viewer``
-    (prepared now in ``viewer/.dist``; see :func:`server.viewer_setup.viewer_static_routes`)."""
-    from .viewer_setup import viewer_static_routes as routes
+def add_viewer_config(config: dict[str, Any], cubeset: str,
+                      storage_options: dict[str, Any] | None, repo_root: Path = REPO_ROOT):
+    """Viewer additions (in place): ``/viewer`` served from a copy of xcube's viewer with
+    our notes (prepared in ``viewer/.dist``), styles fitted to the data
+    (:func:`server.viewer_setup.add_viewer_config`)."""
+    from .viewer_setup import add_viewer_config as add
 
-    found = routes(repo_root)
-    return {"static_routes": found} if found else {}
+    add(config, cubeset, storage_options, repo_root)
 
 
 def make_config(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
@@ -174,7 +175,7 @@ def make_config(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
     viewer = viewer_section(repo_root)
     if viewer:
         config["Viewer"] = viewer
-        config.update(viewer_static_routes(repo_root))
+        add_viewer_config(config, cubeset, storage_options, repo_root)
     return config
 
 

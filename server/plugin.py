@@ -19,3 +19,6 @@ def init_plugin(ext_registry: extension.ExtensionRegistry) -> None:
         name="deepearth",
         description="DeepEarth cube set API",
     )
+    ext_registry.add_extension(loader=extension.import_component("server.viewer_routes:api"),
+                               point=EXTENSION_POINT_SERVER_APIS, name="deepearth-viewer",
+                               description="DeepEarth viewer support (observation places)")

@@ -1,0 +1,207 @@
+"""Embedding space panel: the species language UMAP and the photo-embedding vision UMAP.
+
+Two interactive altair scatter plots of the precomputed 3-D UMAPs (two axes at a time),
+coloured by language cluster or by species. Clicking points shows the picked species or
+embeddings below the chart; the observation selected on the map is outlined. A link
+opens the full 3-D view.
+"""
+
+from typing import Any
+
+import altair as alt
+import pandas as pd
+from chartlets import Component, Input, Output, State
+from chartlets.components import Box, Select, VegaChart
+from xcube.webapi.viewer.components import Markdown
+from xcube.webapi.viewer.contrib import Panel
+
+from ..service import Filters
+from .common import (
+    COLUMN,
+    PAGES_PREFIX,
+    ROW,
+    api_url,
+    fmt_time,
+    guarded,
+    md_escape,
+    selected_gbif_id,
+    service,
+    url,
+)
+
+panel = Panel(__name__, title="Embedding space", icon="scatter_plot", position=6)
+
+VIEWS = [("species", "Species: language UMAP"), ("vision", "Photos: vision UMAP")]
+COLOR_BY = [("cluster", "Language cluster"), ("species", "Species")]
+AXES = [("x-y", "UMAP 1 / UMAP 2"), ("x-z", "UMAP 1 / UMAP 3"), ("y-z", "UMAP 2 / UMAP 3")]
+SELECTION = "picked"  # the chart's click selection; chartlets reports it as property "picked"
+MAX_VISION_POINTS = 4000  # points drawn in the panel (the 3-D page draws all)
+CHART_HEIGHT = 300
+HINT = "Click points in the chart (shift-click for several) to see what they are."
+
+
+@panel.layout(State("@app", "selectedPlaceId"))
+def render_panel(ctx, place_id: str | None = None) -> Component:
+    controls = Box(style=ROW, children=[
+        Select(id="emb_view", label="Embedding", value="species", options=VIEWS,
+               style={"minWidth": 200}),
+        Select(id="emb_color", label="Colour by", value="cluster", options=COLOR_BY,
+               style={"minWidth": 150}),
+        Select(id="emb_axes", label="Axes", value="x-y", options=AXES,
+               style={"minWidth": 150}),
+    ])
+    chart = VegaChart(id="emb_chart", chart=update_chart(ctx, "species", "cluster", "x-y",
+                                                         place_id),
+                      style={"width": "100%", "height": CHART_HEIGHT + 40})
+    info = Markdown(id="emb_info", text=update_info(ctx, None, "species", place_id))
+    link = Markdown(id="emb_link", text=update_link(ctx, place_id))
+    return Box(style={**COLUMN, "padding": "8px"}, children=[controls, chart, info, link])
+
+
+# -- data ----------------------------------------------------------------------------------
+def species_frame(ctx) -> pd.DataFrame:
+    """One row per species: UMAP x, y, z, names, cluster and colours."""
+    data = service(ctx).species_umap()
+    df = pd.DataFrame(data["species"])
+    df["key"] = df["species_index"].astype(int)
+    return df
+
+
+def vision_frame(ctx, keep_gbif_id: int | None = None) -> tuple[pd.DataFrame, int]:
+    """Embeddings with UMAP x, y, z (at most MAX_VISION_POINTS, evenly strided, always
+    keeping those of ``keep_gbif_id``) and the total number of embeddings."""
+    svc = service(ctx)
+    data = svc.vision_umap_cached(Filters(), svc.settings.get("MaxUmapPoints", 5000))
+    if data is None:  # pragma: no cover - the whole-set projection is precomputed
+        return pd.DataFrame(), 0
+    df = pd.DataFrame(data["points"])
+    total = len(df)
+    if total > MAX_VISION_POINTS:
+        step = -(-total // MAX_VISION_POINTS)
+        keep = (df.index % step == 0) | (df["gbif_id"] == (keep_gbif_id or -1))
+        df = df[keep]
+    table = service(ctx).cs.species_table()
+    df["cluster"] = table.cluster.to_numpy()[df["species_index"].to_numpy()]
+    df["cluster_color"] = table.cluster_color.to_numpy()[df["species_index"].to_numpy()]
+    df["key"] = df["gbif_id"].astype(str) + ":" + df["image_number"].astype(str)
+    df["date"] = df["time"].str[:10]
+    return df.reset_index(drop=True), total
+
+
+# -- chart ---------------------------------------------------------------------------------
+@panel.callback(
+    Input("emb_view"),
+    Input("emb_color"),
+    Input("emb_axes"),
+    Input("@app", "selectedPlaceId"),
+    Output("emb_chart", "chart"),
+)
+@guarded(lambda text: None)
+def update_chart(ctx, view: str | None = "species", color_by: str | None = "cluster",
+                 axes: str | None = "x-y", place_id: str | None = None) -> alt.Chart:
+    """The scatter plot of the chosen embedding, two UMAP axes, coloured as chosen."""
+    a, b = (axes or "x-y").split("-") if axes in dict(AXES) else ("x", "y")
+    gbif_id = selected_gbif_id(place_id)
+    if view == "vision":
+        df, total = vision_frame(ctx, gbif_id)
+        df["highlight"] = df["gbif_id"] == (gbif_id if gbif_id is not None else -1)
+        tooltip = ["taxon_name:N", "date:N", "gbif_id:Q", "image_number:Q", "cluster:Q"]
+        title = f"Vision UMAP of {len(df):,} photo embeddings" + \
+            (f" (of {total:,})" if total > len(df) else "")
+    else:
+        df = species_frame(ctx)
+        sel = None
+        if gbif_id is not None:
+            try:
+                sel = service(ctx).observation(gbif_id)["species_index"]
+            except Exception:  # noqa: BLE001 - an unknown id just highlights nothing
+                sel = None
+        df["highlight"] = df["species_index"] == (-1 if sel is None else sel)
+        tooltip = ["taxon_name:N", "cluster:Q", "observation_count:Q", "vision_count:Q"]
+        title = f"Language UMAP of {len(df):,} species"
+    df["fill"] = df["cluster_color"] if color_by != "species" else df["color"]
+    cols = ["key", "x", "y", "z", "fill", "highlight"] + [t.split(":")[0] for t in tooltip]
+    df = df[list(dict.fromkeys(cols))]
+    picked = alt.selection_point(name=SELECTION, fields=["key"], on="click")
+    return (
+        alt.Chart(df, title=title)
+        .mark_circle(stroke="#111111")
+        .encode(
+            x=alt.X(f"{a}:Q", title=f"UMAP {'xyz'.index(a) + 1}", scale=alt.Scale(zero=False)),
+            y=alt.Y(f"{b}:Q", title=f"UMAP {'xyz'.index(b) + 1}", scale=alt.Scale(zero=False)),
+            color=alt.Color("fill:N", scale=None),
+            size=alt.condition("datum.highlight", alt.value(220), alt.value(45)),
+            strokeWidth=alt.condition("datum.highlight", alt.value(2.5), alt.value(0)),
+            opacity=alt.condition(picked, alt.value(0.95), alt.value(0.35)),
+            tooltip=tooltip,
+        )
+        .add_params(picked)
+        .properties(width="container", height=CHART_HEIGHT)
+        .interactive()
+    )
+
+
+# -- details of the picked points ----------------------------------------------------------
+def _picked_keys(picked: Any) -> list:
+    if not isinstance(picked, dict):
+        return []
+    keys = picked.get("key")
+    return list(keys) if isinstance(keys, list) else []
+
+
+@panel.callback(
+    Input("emb_chart", SELECTION),
+    Input("emb_view"),
+    Input("@app", "selectedPlaceId"),
+    Output("emb_info", "text"),
+)
+@guarded(lambda text: text)
+def update_info(ctx, picked: dict | None = None, view: str | None = "species",
+                place_id: str | None = None) -> str:
+    """Markdown describing the picked species or embeddings (at most 5)."""
+    keys = _picked_keys(picked)
+    svc = service(ctx)
+    lines: list[str] = []
+    gbif_id = selected_gbif_id(place_id)
+    if gbif_id is not None:
+        try:
+            rec = svc.observation(gbif_id)
+            lines.append(f"Selected on the map: *{md_escape(rec['taxon_name'])}*, "
+                         f"{fmt_time(rec['time'], 'day')} (outlined in the chart).")
+        except Exception:  # noqa: BLE001 - not an observation of this cube set
+            pass
+    if view == "vision":
+        wanted = [k for k in keys if isinstance(k, str) and ":" in k][:5]
+        for key in wanted:
+            gid, n = (int(v) for v in key.split(":"))
+            rec = svc.observation(gid)
+            thumb = api_url(ctx, f"/embeddings/{gid}/{n}/attention.png", size=96)
+            lines.append(
+                f"* *{md_escape(rec['taxon_name'])}*, {fmt_time(rec['time'], 'day')}, "
+                f"photo {n + 1} of [GBIF {gid}](https://www.gbif.org/occurrence/{gid}), "
+                f"{rec['split']}\n\n  ![attention]({thumb})")
+    else:
+        table = svc.cs.species_table()
+        wanted = [int(k) for k in keys if isinstance(k, int | float) and
+                  0 <= int(k) < len(table)][:5]
+        for idx in wanted:
+            row = table.iloc[idx]
+            similar = svc.similar_species(str(row.taxon_id), 3, False)["results"]
+            near = ", ".join(f"*{md_escape(r['taxon_name'])}* ({r['score']:.2f})"
+                             for r in similar)
+            lines.append(
+                f"* **_{md_escape(row.taxon_name)}_**: cluster {int(row.cluster)}, "
+                f"{int(row.observation_count):,} observations, {int(row.vision_count):,} "
+                f"photo embeddings; closest names: {near}")
+    if not wanted:
+        lines.append(HINT)
+    return "\n\n".join(lines)
+
+
+@panel.callback(Input("@app", "selectedPlaceId"), Output("emb_link", "text"))
+@guarded(lambda text: text)
+def update_link(ctx, place_id: str | None = None) -> str:
+    gbif_id = selected_gbif_id(place_id)
+    target = url(ctx, f"{PAGES_PREFIX}/embedding-space.html",
+                 gbif_id=gbif_id if gbif_id is not None else None)
+    return f"[Open the full 3-D embedding space]({target}) (new tab)"

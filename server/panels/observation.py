@@ -1,0 +1,200 @@
+"""Observation panel: the observation selected on the map, its photos' embeddings.
+
+Species, date and time, coordinates, split, links to GBIF and the photos; for every
+vision embedding the attention map (method, frame, colour map, opacity; drawn over the
+photo when it can be loaded) and the UMAP-RGB image, both as PNGs from the plugin's
+endpoints, the per-embedding statistics and the most similar embeddings.
+"""
+
+from typing import Any
+
+from chartlets import Component, Input, Output, State
+from chartlets.components import Box, Select, Slider, Switch, Table, Typography
+from xcube.webapi.viewer.components import Markdown
+from xcube.webapi.viewer.contrib import Panel
+
+from cube_gen import schema as S
+
+from ..params import ApiProblem
+from ..service import Filters
+from .common import (
+    COLUMN,
+    ROW,
+    PanelProblem,
+    api_url,
+    error_box,
+    fmt,
+    fmt_time,
+    guarded,
+    heading,
+    md_escape,
+    message,
+    selected_gbif_id,
+    service,
+)
+
+panel = Panel(__name__, title="Observation", icon="local_florist", position=5)
+
+BODY = "obs_body"
+METHOD_LABELS = {"l2norm": "L2 norm", "variance": "Variance", "entropy": "Entropy",
+                 **{f"pca{k}": f"Principal component {k}" for k in range(1, 6)}}
+METHODS = [(m, METHOD_LABELS.get(m, m)) for m in S.ATTENTION_METHODS]
+FRAMES = [(f, "Frame mean" if f == "mean" else f"Frame {int(f) + 1}")
+          for f in S.ATTENTION_FRAMES]
+COLORMAPS = ["plasma", "viridis", "inferno", "magma", "cividis", "turbo", "hot", "gray"]
+DEFAULTS = {"method": "l2norm", "frame": "mean", "colormap": "plasma", "opacity": 70,
+            "photo": True}
+IMAGE_SIZE = 256  # pixels per side of the attention and UMAP-RGB images
+SIMILAR_K = 8
+HINT = ("Select an observation on the map (the points, coloured by the language cluster "
+        "of their species) to see its details and what the vision model attends to.")
+
+
+@panel.layout(State("@app", "selectedPlaceId"))
+def render_panel(ctx, place_id: str | None = None) -> Component:
+    controls = Box(id="obs_controls", style=ROW, children=[
+        Select(id="obs_method", label="Attention", value=DEFAULTS["method"], options=METHODS,
+               style={"minWidth": 170}),
+        Select(id="obs_frame", label="Frame", value=DEFAULTS["frame"], options=FRAMES,
+               style={"minWidth": 120}),
+        Select(id="obs_colormap", label="Colour map", value=DEFAULTS["colormap"],
+               options=COLORMAPS, style={"minWidth": 120}),
+        Box(style={"minWidth": 160, "flexGrow": 1}, children=[
+            Typography(text="Opacity", variant="caption"),
+            Slider(id="obs_opacity", min=0, max=100, step=5, value=DEFAULTS["opacity"],
+                   valueLabelDisplay="auto", size="small"),
+        ]),
+        Switch(id="obs_photo", label="Photo underneath", value=DEFAULTS["photo"]),
+    ])
+    body = update_body(ctx, place_id, **{k: DEFAULTS[k] for k in
+                                        ("method", "frame", "colormap", "opacity", "photo")})
+    return Box(style={**COLUMN, "padding": "8px"}, children=[controls, body])
+
+
+@panel.callback(
+    Input("@app", "selectedPlaceId"),
+    Input("obs_method"),
+    Input("obs_frame"),
+    Input("obs_colormap"),
+    Input("obs_opacity"),
+    Input("obs_photo"),
+    Output(BODY, ""),
+)
+@guarded(lambda text: error_box(BODY, text))
+def update_body(ctx, place_id: str | None = None, method: str | None = None,
+                frame: str | None = None, colormap: str | None = None,
+                opacity: int | None = None, photo: bool | None = None) -> Component:
+    """The panel body for the selected place (a hint unless it is an observation)."""
+    gbif_id = selected_gbif_id(place_id)
+    if gbif_id is None:
+        return Box(id=BODY, style=COLUMN, children=[message(HINT)])
+    svc = service(ctx)
+    try:
+        rec = svc.observation(gbif_id)
+    except ApiProblem as problem:
+        raise PanelProblem(problem.message) from None
+    style = {
+        "method": method if method in S.ATTENTION_METHODS else DEFAULTS["method"],
+        "frame": str(frame) if str(frame) in S.ATTENTION_FRAMES else DEFAULTS["frame"],
+        "colormap": colormap if colormap in COLORMAPS else DEFAULTS["colormap"],
+        "alpha": max(0, min(100, int(DEFAULTS["opacity"] if opacity is None else opacity)))
+        / 100,
+        "photo": DEFAULTS["photo"] if photo is None else bool(photo),
+    }
+    children: list[Component] = [*_summary(rec)]
+    if not rec["embeddings"]:
+        children.append(message("This observation has no vision embedding."))
+    for emb in rec["embeddings"]:
+        children.extend(_embedding(ctx, rec, emb, style))
+    if rec["embeddings"]:
+        children.extend(_similar(svc, rec))
+    return Box(id=BODY, style=COLUMN, children=children)
+
+
+def _summary(rec: dict[str, Any]) -> list[Component]:
+    sp = rec["species"]
+    lat, lon = rec["lat"], rec["lon"]
+    photos = " · ".join(f"[{i + 1}]({u})" for i, u in enumerate(rec["image_urls"])) or "none"
+    lines = [
+        "| | |",
+        "| --- | --- |",
+        f"| Date | {fmt_time(rec['time'], rec['time_precision'])} "
+        f"(known to the {rec['time_precision']}) |",
+        f"| Location | {abs(lat):.5f}° {'N' if lat >= 0 else 'S'}, "
+        f"{abs(lon):.5f}° {'E' if lon >= 0 else 'W'} |",
+        f"| Split | {rec['split']} |",
+        f"| GBIF occurrence | [{rec['gbif_id']}](https://www.gbif.org/occurrence/{rec['gbif_id']}) |",
+        f"| Species | [{md_escape(sp['taxon_id'])}](https://www.gbif.org/species/{sp['taxon_id']}), "
+        f"cluster {sp['cluster']}, {sp['observation_count']:,} observations |",
+        f"| Photos | {photos} |",
+        f"| Embeddings | {len(rec['embeddings'])} |",
+    ]
+    title = Box(id="obs_title", style={**ROW, "flexWrap": "nowrap"}, children=[
+        Box(style={"width": 14, "height": 14, "borderRadius": "50%", "flexShrink": 0,
+                   "backgroundColor": sp["cluster_color"], "border": "1px solid #555"}),
+        Typography(id="obs_species", text=sp["taxon_name"], variant="h6",
+                   style={"fontStyle": "italic"}),
+    ])
+    return [title, Markdown(id="obs_fields", text="\n".join(lines))]
+
+
+def _photo_url(rec: dict[str, Any], image_number: int) -> str | None:
+    urls = rec["image_urls"]
+    if image_number >= len(urls):
+        return None
+    return urls[image_number].replace("/original.", "/medium.")
+
+
+def _embedding(ctx, rec: dict[str, Any], emb: dict[str, Any],
+               style: dict[str, Any]) -> list[Component]:
+    gid, n = rec["gbif_id"], int(emb["image_number"])
+    base = f"/embeddings/{gid}/{n}"
+    attention = api_url(ctx, f"{base}/attention.png", method=style["method"],
+                        frame=style["frame"], colormap=style["colormap"],
+                        alpha=f"{style['alpha']:.2f}", size=IMAGE_SIZE)
+    umap_rgb = api_url(ctx, f"{base}/umap_rgb.png", size=IMAGE_SIZE)
+    photo = _photo_url(rec, n) if style["photo"] else None
+    # The viewer's Markdown gives images a 1rem top margin: the photo is placed to match.
+    under = {"width": IMAGE_SIZE, "backgroundRepeat": "no-repeat",
+             "backgroundSize": f"{IMAGE_SIZE}px {IMAGE_SIZE}px",
+             "backgroundPosition": "0 1rem"}
+    if photo:
+        under["backgroundImage"] = f"url({photo})"
+    label = f"{METHOD_LABELS.get(style['method'], style['method'])}, " + \
+        dict(FRAMES)[style["frame"]].lower()
+    images = Box(style=ROW, children=[
+        Box(style={"display": "flex", "flexDirection": "column"}, children=[
+            Box(id=f"obs_attention_{n}", style=under, children=[
+                Markdown(text=f"![attention map of photo {n + 1}]({attention})")]),
+            Typography(text=f"Attention: {label}", variant="caption"),
+        ]),
+        Box(style={"display": "flex", "flexDirection": "column", "width": IMAGE_SIZE},
+            children=[Markdown(text=f"![UMAP-RGB of photo {n + 1}]({umap_rgb})"),
+                      Typography(text="UMAP-RGB of the 24 × 24 patches", variant="caption")]),
+    ])
+    rows = [[S.IMAGE_STATS.get(k, k), fmt(v, 4)] for k, v in emb["stats"].items()]
+    stats = Table(id=f"obs_stats_{n}", columns=[
+        {"id": "statistic", "label": "Statistic", "size": "small"},
+        {"id": "value", "label": "Value", "size": "small", "align": "right"},
+    ], rows=rows)
+    return [heading(f"Photo {n + 1} (image {n}): what the vision model attends to"), images,
+            stats]
+
+
+def _similar(svc, rec: dict[str, Any]) -> list[Component]:
+    first = int(rec["embeddings"][0]["image_number"])
+    result = svc.similar_embeddings(rec["gbif_id"], first, SIMILAR_K, Filters(), False)
+    rows = [[r["rank"], r["taxon_name"], r["time"][:10], r["split"], r["gbif_id"],
+             r["image_number"], round(float(r["score"]), 4)] for r in result["results"]]
+    table = Table(id="obs_similar", hover=True, columns=[
+        {"id": "rank", "label": "#", "size": "small"},
+        {"id": "species", "label": "Species", "size": "small"},
+        {"id": "date", "label": "Date", "size": "small"},
+        {"id": "split", "label": "Split", "size": "small"},
+        {"id": "gbif_id", "label": "GBIF id", "size": "small"},
+        {"id": "image", "label": "Image", "size": "small", "align": "right"},
+        {"id": "cosine", "label": "Cosine", "size": "small", "align": "right"},
+    ], rows=rows)
+    out = [heading(f"Most similar photo embeddings (cosine of pooled vectors, photo {first + 1})")]
+    out.append(table if rows else message("No other embeddings in the cube set."))
+    return out

@@ -1,0 +1,243 @@
+"""Region panel: what lives in the selected region, and when it was observed.
+
+The region is the bounding box of the selected place: a neighbourhood of the selected
+observation (radius chosen in the panel), a drawn polygon's bounding box, or the whole
+cube set when nothing is selected. The numbers come from the plugin service's
+``region_stats`` (:func:`cube_gen.analysis.region_statistics`, shared cache), exactly
+those of ``/deepearth/stats/region`` with the same ``bbox``, ``start``, ``end`` and
+``split``.
+"""
+
+import math
+from typing import Any
+
+import altair as alt
+import pandas as pd
+from chartlets import Component, Input, Output, State
+from chartlets.components import Box, Select, VegaChart
+from xcube.webapi.viewer.components import Markdown
+from xcube.webapi.viewer.contrib import Panel
+
+from ..service import Filters
+from .common import COLUMN, ROW, api_url, fmt, guarded, md_escape, service
+
+panel = Panel(__name__, title="Region statistics", icon="bar_chart", position=7)
+
+RADII_KM = [(0.5, "± 0.5 km"), (1.0, "± 1 km"), (2.0, "± 2 km"), (5.0, "± 5 km"),
+            (10.0, "± 10 km")]
+TIMES = [("all", "All years"), ("year", "Year of the time slider")]
+SPLITS = [("all", "All observations"), ("train", "train (2010–2024)"),
+          ("temporal_test", "temporal_test (2025)")]
+TOP_SPECIES = 12
+KM_PER_DEGREE = 111.32
+MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+OUTPUTS = ("reg_summary", "reg_species", "reg_years", "reg_months")
+
+
+@panel.layout(
+    State("@app", "selectedPlaceGeometry"),
+    State("@app", "selectedPlaceId"),
+    State("@app", "selectedTimeLabel"),
+)
+def render_panel(ctx, geometry: dict | None = None, place_id: str | None = None,
+                 time_label: str | None = None) -> Component:
+    controls = Box(style=ROW, children=[
+        Select(id="reg_radius", label="Around a point", value=2.0, options=RADII_KM,
+               style={"minWidth": 130}),
+        Select(id="reg_time", label="Time", value="all", options=TIMES,
+               style={"minWidth": 190}),
+        Select(id="reg_split", label="Split", value="all", options=SPLITS,
+               style={"minWidth": 170}),
+    ])
+    summary, species, years, months = update_region(ctx, geometry, place_id, time_label,
+                                                     2.0, "all", "all")
+    chart_style = {"width": "100%"}
+    return Box(style={**COLUMN, "padding": "8px"}, children=[
+        controls,
+        Markdown(id="reg_summary", text=summary),
+        VegaChart(id="reg_species", chart=species, style={**chart_style, "height": 330}),
+        VegaChart(id="reg_years", chart=years, style={**chart_style, "height": 210}),
+        VegaChart(id="reg_months", chart=months, style={**chart_style, "height": 210}),
+    ])
+
+
+# -- the query -----------------------------------------------------------------------------
+def _coordinates(geometry: Any) -> list[tuple[float, float]]:
+    """All (lon, lat) positions of a GeoJSON geometry."""
+    out: list[tuple[float, float]] = []
+
+    def walk(c):
+        if isinstance(c, list | tuple) and len(c) >= 2 and all(
+                isinstance(v, int | float) for v in c[:2]):
+            out.append((float(c[0]), float(c[1])))
+        elif isinstance(c, list | tuple):
+            for item in c:
+                walk(item)
+
+    if isinstance(geometry, dict):
+        if geometry.get("type") == "GeometryCollection":
+            for g in geometry.get("geometries") or []:
+                out.extend(_coordinates(g))
+        else:
+            walk(geometry.get("coordinates"))
+    return out
+
+
+def region_bbox(geometry: Any, radius_km: float) -> tuple[tuple[float, float, float, float]
+                                                          | None, str]:
+    """``(bbox or None, description)`` of the region a place geometry selects."""
+    coords = _coordinates(geometry)
+    if not coords:
+        return None, "the whole cube set (select an observation or draw a polygon)"
+    lons = [c[0] for c in coords]
+    lats = [c[1] for c in coords]
+    if len(coords) == 1 or (max(lons) == min(lons) and max(lats) == min(lats)):
+        lon, lat = lons[0], lats[0]
+        dlat = radius_km / KM_PER_DEGREE
+        dlon = radius_km / (KM_PER_DEGREE * max(0.01, math.cos(math.radians(lat))))
+        return ((lon - dlon, lat - dlat, lon + dlon, lat + dlat),
+                f"± {radius_km:g} km around {lat:.4f}° N, {lon:.4f}° E")
+    return (min(lons), min(lats), max(lons), max(lats)), "the bounding box of the selected shape"
+
+
+def year_range(time_label: str | None) -> tuple[pd.Timestamp, pd.Timestamp] | None:
+    """The calendar year of the time slider's label (grid time steps are years)."""
+    if not time_label:
+        return None
+    try:
+        t = pd.Timestamp(str(time_label).rstrip("Z"))
+    except ValueError:
+        return None
+    start = pd.Timestamp(year=t.year, month=1, day=1)
+    return start, pd.Timestamp(year=t.year + 1, month=1, day=1) - pd.Timedelta(1, "ns")
+
+
+def region_filters(geometry: Any, time_label: str | None, radius_km: float, time_mode: str,
+                   split: str) -> tuple[Filters, str, str]:
+    """``(filters, region description, time description)``."""
+    bbox, where = region_bbox(geometry, float(radius_km or 2.0))
+    start = end = None
+    when = "all years"
+    if time_mode == "year":
+        years = year_range(time_label)
+        if years is not None:
+            start, end = years
+            when = f"{start.year}"
+        else:
+            when = "all years (the time slider has no time)"
+    return (Filters(bbox=bbox, start=start, end=end,
+                    split=split if split in ("train", "temporal_test") else None),
+            where, when)
+
+
+# -- charts --------------------------------------------------------------------------------
+def species_chart(stats: dict[str, Any]) -> alt.Chart:
+    rows = stats["species"][:TOP_SPECIES]
+    others = sum(r["count"] for r in stats["species"][TOP_SPECIES:])
+    df = pd.DataFrame([{"species": r["taxon_name"], "count": r["count"],
+                        "share": r["fraction"], "color": r["color"]} for r in rows])
+    if others:
+        df = pd.concat([df, pd.DataFrame([{
+            "species": f"{len(stats['species']) - TOP_SPECIES} other species",
+            "count": others, "share": others / max(1, stats["observations"]),
+            "color": "#9e9e9e"}])], ignore_index=True)
+    if df.empty:
+        df = pd.DataFrame({"species": [], "count": [], "share": [], "color": []})
+    return (
+        alt.Chart(df, title="Species composition")
+        .mark_bar()
+        .encode(
+            y=alt.Y("species:N", sort=None, title=None,
+                    axis=alt.Axis(labelLimit=180, labelFontStyle="italic")),
+            x=alt.X("count:Q", title="observations"),
+            color=alt.Color("color:N", scale=None),
+            tooltip=["species:N", "count:Q", alt.Tooltip("share:Q", format=".1%")],
+        )
+        .properties(width="container", height=280)
+    )
+
+
+def years_chart(stats: dict[str, Any]) -> alt.Chart:
+    df = pd.DataFrame(stats["by_year"] or [], columns=["year", "count"])
+    return (
+        alt.Chart(df, title="Observations per year")
+        .mark_bar(color="#2e7d32")
+        .encode(x=alt.X("year:O", title=None), y=alt.Y("count:Q", title="observations"),
+                tooltip=["year:O", "count:Q"])
+        .properties(width="container", height=160)
+    )
+
+
+def months_chart(stats: dict[str, Any]) -> alt.Chart:
+    df = pd.DataFrame(stats["by_month"], columns=["month", "count"])
+    df["name"] = [MONTHS[m - 1] for m in df["month"]]
+    return (
+        alt.Chart(df, title="Observations per month of year")
+        .mark_bar(color="#00838f")
+        .encode(x=alt.X("name:N", sort=MONTHS, title=None),
+                y=alt.Y("count:Q", title="observations"), tooltip=["name:N", "count:Q"])
+        .properties(width="container", height=160)
+    )
+
+
+def summary_text(ctx, stats: dict[str, Any], where: str, when: str, f: Filters) -> str:
+    n = stats["observations"]
+    split = f", split {f.split}" if f.split else ""
+    bbox = stats["query"]["bbox"]
+    params: dict[str, Any] = {}
+    if bbox:
+        params["bbox"] = ",".join(f"{v:.6f}" for v in bbox)
+    if f.start is not None:
+        params["start"] = f.start.strftime("%Y-%m-%d")
+        params["end"] = f.end.strftime("%Y-%m-%d")
+    if f.split:
+        params["split"] = f.split
+    lines = [
+        f"**Region:** {md_escape(where)}" + (
+            f" (W {bbox[0]:.4f}, S {bbox[1]:.4f}, E {bbox[2]:.4f}, N {bbox[3]:.4f})"
+            if bbox else ""),
+        f"**Time:** {md_escape(when)}{split}",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| Observations | {n:,} ({stats['with_vision']:,} with photo embeddings; "
+        + ", ".join(f"{k} {v:,}" for k, v in stats["by_split"].items()) + ") |",
+        f"| Species richness | {fmt(stats['richness'])} |",
+        f"| Shannon H′ (nats) | {fmt(stats['shannon'])} |",
+        f"| Gini–Simpson 1 − Σp² | {fmt(stats['gini_simpson'])} |",
+        f"| Inverse Simpson 1 / Σp² | {fmt(stats['inverse_simpson'])} |",
+        f"| Pielou evenness | {fmt(stats['evenness'])} |",
+        f"| Month unknown | {stats['month_unknown']:,} |",
+        "",
+        f"Same numbers as JSON: [/deepearth/stats/region]({api_url(ctx, '/stats/region', **params)})",
+    ]
+    return "\n".join(lines)
+
+
+def _error_outputs(text: str):
+    return text, None, None, None
+
+
+@panel.callback(
+    Input("@app", "selectedPlaceGeometry"),
+    Input("@app", "selectedPlaceId"),
+    Input("@app", "selectedTimeLabel"),
+    Input("reg_radius"),
+    Input("reg_time"),
+    Input("reg_split"),
+    Output("reg_summary", "text"),
+    Output("reg_species", "chart"),
+    Output("reg_years", "chart"),
+    Output("reg_months", "chart"),
+)
+@guarded(_error_outputs)
+def update_region(ctx, geometry: dict | None = None, place_id: str | None = None,
+                  time_label: str | None = None, radius_km: float | None = 2.0,
+                  time_mode: str | None = "all", split: str | None = "all",
+                  ) -> tuple[str, alt.Chart, alt.Chart, alt.Chart]:
+    """Summary and charts of the region statistics for the current selection."""
+    f, where, when = region_filters(geometry, time_label, radius_km or 2.0, time_mode or "all",
+                                    split or "all")
+    stats = service(ctx).region_stats(f)
+    return (summary_text(ctx, stats, where, when, f), species_chart(stats), years_chart(stats),
+            months_chart(stats))

@@ -1,0 +1,268 @@
+"""What the customised xcube viewer needs besides the plugin's API.
+
+* :func:`prepare_viewer_dist`: a copy of the viewer bundled with xcube, with the project's own
+  privacy note, imprint, manifest and start script laid over it, made at server start
+  into the gitignored ``viewer/.dist/`` (the bundle itself is never committed);
+* :func:`viewer_section` and :func:`viewer_static_routes`: the server config entries that
+  point xcube at ``viewer/`` (branding), the panels package and that copy;
+* :func:`tune_styles`: colour maps and value ranges of the grid layers fitted to the data
+  (zero counts transparent, ranges from the data's upper percentile);
+* :func:`observation_place_group`: every observation as a GeoJSON point feature, the
+  viewer's ``observations`` place group (added by :mod:`server.viewer_routes`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+LOG = logging.getLogger("xcube")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_VIEWER_PATH = "XCUBE_VIEWER_PATH"
+PANELS_EXTENSION = "server.panels.extension"  # module.attribute of the chartlets Extension
+PLACE_GROUP_ID = "observations"
+PLACE_ID_PREFIX = "obs-"
+DIST_FOLDER = ".dist"
+OVERLAY_FOLDER = "dist-overlay"
+INIT_SCRIPT = "deepearth-init.js"
+_PATCH_VERSION = "1"  # bump when the index.html patch below changes
+
+
+# -- the server config ---------------------------------------------------------------------
+def viewer_section(repo_root: Path = REPO_ROOT) -> dict[str, Any] | None:
+    """The ``Viewer`` config section: branding from ``viewer/``, the panels extension."""
+    viewer = Path(repo_root) / "viewer"
+    if not (viewer / "config.json").is_file():
+        return None
+    return {
+        "Configuration": {"Path": str(viewer)},
+        "Augmentation": {"Extensions": [PANELS_EXTENSION]},
+    }
+
+
+def viewer_static_routes(repo_root: Path = REPO_ROOT) -> list[dict[str, Any]]:
+    """A ``static_routes`` entry serving the prepared viewer copy at ``/viewer``.
+
+    Config static routes are matched before xcube's own ``/viewer`` route, so the same
+    config file works with plain ``xcube serve -c``. Nothing is added when
+    ``XCUBE_VIEWER_PATH`` is set (the user chose a viewer build) or when the repository
+    has no ``viewer/`` folder or xcube no bundled viewer.
+    """
+    if os.environ.get(ENV_VIEWER_PATH):
+        return []
+    viewer = Path(repo_root) / "viewer"
+    if not (viewer / "config.json").is_file():
+        return []
+    dist = prepare_viewer_dist(viewer)
+    if dist is None:
+        return []
+    return [{"path": "/viewer", "dir_path": str(dist), "default_filename": "index.html"}]
+
+
+def add_viewer_config(config: dict[str, Any], cubeset: str,
+                      storage_options: dict[str, Any] | None = None,
+                      repo_root: Path = REPO_ROOT) -> None:
+    """The viewer's additions to a ``deepearth serve`` config (in place): the ``/viewer``
+    static route to the prepared copy and map layer styles fitted to the data."""
+    routes = viewer_static_routes(repo_root)
+    if routes:
+        config["static_routes"] = [*config.get("static_routes", []), *routes]
+    if config.get("Styles"):
+        from cube_gen.access import CubeSet
+
+        try:
+            tune_styles(config, CubeSet.open(cubeset, storage_options or None).grid(0))
+        except Exception as exc:  # noqa: BLE001 - the schema's ranges still work
+            LOG.warning("DeepEarth viewer: map styles not fitted to the data (%s: %s)",
+                        type(exc).__name__, exc)
+
+
+# -- map layer styles ----------------------------------------------------------------------
+COUNT_VARIABLES = ("observation_count", "species_richness", "vision_count")
+RANGE_PERCENTILE = 99.5  # of the positive values: a few very busy cells do not wash out the rest
+
+
+def fitted_vmax(values: np.ndarray, integer: bool) -> float | None:
+    """Upper end of a colour range: the RANGE_PERCENTILE of the positive finite values."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size == 0:
+        return None
+    top = float(np.percentile(v, RANGE_PERCENTILE))
+    if integer:
+        return float(max(1, int(np.ceil(top))))
+    return float(f"{top:.3g}") if top > 0 else None
+
+
+def tune_styles(config: dict[str, Any], grid) -> None:
+    """Fit the ``Styles`` colour mappings of the config to the grid's level 0 (in place).
+
+    Count layers (observations, species richness, vision count, top-species counts) get
+    the colour map's ``_alpha`` variant (zero transparent, so the base map and the
+    observation points stay visible) and a value range from 0 to the 99.5th percentile
+    of the positive cell values; other scalar layers keep their colour map and get the
+    same kind of range. RGB composites are left alone.
+    """
+    from cube_gen import schema as S
+
+    for style in config.get("Styles", []) or []:
+        for name, mapping in (style.get("ColorMappings") or {}).items():
+            if "ColorBar" not in mapping or name not in grid.data_vars:
+                continue
+            is_count = name in COUNT_VARIABLES or name.startswith(S.TOP_SPECIES_PREFIX)
+            vmax = fitted_vmax(grid[name].values, integer=is_count)
+            if vmax is not None:
+                mapping["ValueRange"] = [0.0, vmax]
+            bar = str(mapping["ColorBar"])
+            if is_count and not bar.endswith("_alpha"):
+                mapping["ColorBar"] = f"{bar}_alpha"
+
+
+# -- the prepared viewer copy --------------------------------------------------------------
+def bundled_viewer_dist() -> Path | None:
+    """The viewer build shipped inside xcube (``xcube/webapi/viewer/dist``), if present."""
+    try:
+        dist = Path(str(importlib.resources.files("xcube.webapi.viewer") / "dist"))
+    except (ImportError, TypeError):
+        return None
+    return dist if (dist / "index.html").is_file() else None
+
+
+def _overlay_files(overlay: Path) -> list[Path]:
+    return sorted(p for p in overlay.rglob("*") if p.is_file()) if overlay.is_dir() else []
+
+
+def _dist_key(bundle: Path, overlay: Path, extra: list[Path]) -> str:
+    """Hash of everything the prepared copy is made from (bundle index, overlay, logos)."""
+    h = hashlib.sha256(_PATCH_VERSION.encode())
+    h.update((bundle / "index.html").read_bytes())
+    h.update(str(sorted(os.listdir(bundle / "assets"))).encode())
+    for path in [*_overlay_files(overlay), *extra]:
+        h.update(str(path.relative_to(overlay.parent)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def patch_index_html(html: str, title: str = "DeepEarth Cube") -> str:
+    """The bundled ``index.html`` with our title, icon and start script (runs first)."""
+    if INIT_SCRIPT in html:
+        return html
+    html = html.replace("<title>xcube Viewer</title>", f"<title>{title}</title>", 1)
+    html = html.replace('href="./images/favicon.ico"', 'href="./images/deepearth-logo.png"', 1)
+    script = f'<script src="./{INIT_SCRIPT}"></script>'
+    if "<head>" not in html:
+        raise ValueError("the bundled viewer's index.html has no <head> element")
+    return html.replace("<head>", f"<head>\n    {script}", 1)
+
+
+def prepare_viewer_dist(viewer: Path, bundle: Path | None = None) -> Path | None:
+    """Copy the bundled viewer into ``viewer/.dist/viewer-<key>`` with our files laid over it.
+
+    ``<key>`` hashes the bundle and the overlay, so an unchanged setup reuses the copy
+    and concurrent starts never see a half-written folder (each builds in a temporary
+    folder, then renames it). Returns the folder, or None when xcube has no bundled viewer.
+    """
+    viewer = Path(viewer)
+    bundle = bundle or bundled_viewer_dist()
+    if bundle is None:
+        return None
+    overlay = viewer / OVERLAY_FOLDER
+    logos = sorted((viewer / "images").glob("deepearth-logo*.png"))
+    root = viewer / DIST_FOLDER
+    target = root / f"viewer-{_dist_key(bundle, overlay, logos)}"
+    if (target / "index.html").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir=root))
+    try:
+        build = tmp / "viewer"
+        shutil.copytree(bundle, build)
+        for src in _overlay_files(overlay):
+            dst = build / src.relative_to(overlay)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        for logo in logos:
+            shutil.copyfile(logo, build / "images" / logo.name)
+        index = build / "index.html"
+        index.write_text(patch_index_html(index.read_text(encoding="utf-8")), encoding="utf-8")
+        try:
+            os.rename(build, target)
+        except OSError:  # another process finished first: use its copy
+            if not (target / "index.html").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# -- the observations place group ----------------------------------------------------------
+def place_id(gbif_id: int) -> str:
+    return f"{PLACE_ID_PREFIX}{int(gbif_id)}"
+
+
+def gbif_id_of_place(place_id_: str | None) -> int | None:
+    """The gbif_id of an observation place id (``obs-<gbif_id>``), else None."""
+    if not place_id_ or not str(place_id_).startswith(PLACE_ID_PREFIX):
+        return None
+    try:
+        return int(str(place_id_)[len(PLACE_ID_PREFIX):])
+    except ValueError:
+        return None
+
+
+def observation_features(cs) -> list[dict[str, Any]]:
+    """Every observation of a :class:`~cube_gen.access.CubeSet` as a GeoJSON point feature.
+
+    Feature ids are ``obs-<gbif_id>`` (the panels read the gbif_id back from the selected
+    place id); properties: ``label`` (species and date), ``color`` (the species' cluster
+    colour), ``gbif_id``, ``species`` and ``date``.
+    """
+    ds = cs.observations
+    gbif = ds.gbif_id.values
+    lat = np.round(ds.lat.values.astype(np.float64), 6)
+    lon = np.round(ds.lon.values.astype(np.float64), 6)
+    species = ds.species_index.values.astype(np.int64)
+    dates = pd.DatetimeIndex(ds.time.values).strftime("%Y-%m-%d")
+    table = cs.species_table()
+    names = table.taxon_name.to_numpy().astype(str)
+    colors = table.cluster_color.to_numpy().astype(str)
+    features = []
+    for i in range(len(gbif)):
+        s = int(species[i])
+        features.append({
+            "type": "Feature",
+            "id": place_id(gbif[i]),
+            "geometry": {"type": "Point", "coordinates": [float(lon[i]), float(lat[i])]},
+            "properties": {
+                "label": f"{names[s]} · {dates[i]}",
+                "color": colors[s],
+                "gbif_id": int(gbif[i]),
+                "species": names[s],
+                "date": dates[i],
+            },
+        })
+    return features
+
+
+def observation_place_group(cs, title: str = "Observations") -> dict[str, Any]:
+    """The observations as a place group in the form xcube's places context keeps."""
+    return {
+        "type": "FeatureCollection",
+        "id": PLACE_GROUP_ID,
+        "title": title,
+        "description": "Every observation, coloured by the language cluster of its species",
+        "propertyMapping": {"label": "label", "color": "color"},
+        "features": observation_features(cs),
+        "sourcePaths": [],
+        "sourceEncoding": "utf-8",
+        "join": None,
+    }
