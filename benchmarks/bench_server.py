@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> str:
         # 1. full tensor
         def http_tensor(i):
             gid, num = ids[i % n]
-            r = session.get(f"{api}/embeddings/{gid}/{num}/features")
+            r = session.get(f"{api}/embeddings/{gid}/{num}/features", stream=True)
             r.raise_for_status()
-            arr = np.load(io.BytesIO(r.content))
+            arr = np.load(io.BytesIO(r.raw.read(decode_content=True)))  # no 10 kB chunking
             assert arr.shape == (8, 24, 24, 1408)
 
         def local_tensor(i):

@@ -14,6 +14,7 @@ Example::
       MaxBatchPooled: 10000              # pooled vectors per batch request
       MaxBatchFeatures: 16               # full tensors per batch request
       MaxImageSize: 1024                 # pixels per side of rendered PNGs
+      MaxQueued: 256                     # waiting computations per pool before 503 (busy)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ DEFAULTS = {
     "MaxBatchPooled": 10_000,
     "MaxBatchFeatures": 16,
     "MaxImageSize": 1024,
+    "MaxQueued": 256,
 }
 
 DEEPEARTH_SCHEMA = JsonObjectSchema(
@@ -64,6 +66,8 @@ DEEPEARTH_SCHEMA = JsonObjectSchema(
                                            description="full tensors per batch request"),
         MaxImageSize=JsonIntegerSchema(minimum=24, maximum=4096,
                                        description="largest PNG side in pixels"),
+        MaxQueued=JsonIntegerSchema(minimum=1, description="computations waiting per worker "
+                                    "pool before requests answer 503 (busy)"),
     ),
     required=["CubeSet"],
     additional_properties=False,

@@ -24,6 +24,7 @@ from .service import DeepEarthService
 
 T = TypeVar("T")
 REOPEN_INTERVAL = 10.0  # seconds between attempts to open an unreachable cube set
+HEAVY_QUEUE = 8  # projections waiting for the heavy worker before requests answer 503
 
 
 def _plain(value: Any) -> Any:
@@ -53,7 +54,7 @@ class DeepEarthContext(ApiContext):
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.heavy_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.started = time.time()
-        self.counters = {"requests": 0, "errors": 0, "timeouts": 0}
+        self.counters = {"requests": 0, "errors": 0, "timeouts": 0, "rejected_busy": 0}
 
     # -- lifecycle -----------------------------------------------------------------------
     def on_update(self, prev_context: Context | None):
@@ -124,6 +125,14 @@ class DeepEarthContext(ApiContext):
             raise Unavailable(f"the server config has no {SECTION!r} section naming a cube set",
                               SECTION)
         executor = self.heavy_executor if heavy else self.executor
+        limit = int(self.settings["MaxQueued"])
+        if heavy:
+            limit = max(1, min(limit, HEAVY_QUEUE))
+        queue = getattr(executor, "_work_queue", None)
+        if queue is not None and queue.qsize() >= limit:
+            self.counters["rejected_busy"] += 1
+            raise Unavailable(f"the server is busy ({queue.qsize()} {'heavy ' if heavy else ''}"
+                              "computations waiting); retry later", None)
         fut = self.run_in_executor(executor, fn, *args, **kwargs)
         timeout = float(self.settings["RequestTimeout"])
         try:

@@ -267,6 +267,25 @@ def test_context_runs_work_off_the_loop_with_timeouts(tiny_cubes):
     assert ctx.status()["timeouts"] == 1
 
 
+def test_context_rejects_work_when_the_queue_is_full(tiny_cubes):
+    cfg = make_config(str(tiny_cubes))
+    cfg["DeepEarth"].update(MaxWorkers=1, MaxQueued=1)
+    ctx = _server(cfg).ctx.get_api_ctx("deepearth")
+
+    async def main():
+        first = asyncio.ensure_future(ctx.run(time.sleep, 0.4))
+        await asyncio.sleep(0.05)  # running
+        second = asyncio.ensure_future(ctx.run(time.sleep, 0.01))
+        await asyncio.sleep(0.05)  # queued
+        with pytest.raises(P.Unavailable, match="busy"):
+            await ctx.run(time.sleep, 0.01)
+        await asyncio.gather(first, second)
+        await ctx.run(time.sleep, 0.01)  # accepted again
+
+    asyncio.run(main())
+    assert ctx.status()["rejected_busy"] == 1
+
+
 def test_context_without_section_answers_unavailable():
     ctx = _server({}).ctx.get_api_ctx("deepearth")
     assert not ctx.configured
