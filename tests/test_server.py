@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import requests
 import xarray as xr
+import yaml
 from PIL import Image
 from server_fixtures import serve_cubeset
 
@@ -26,6 +27,9 @@ from cube_gen.access import CubeSet
 TIMEOUT = 60
 
 
+SERVER_CONFIG: dict = {}
+
+
 @pytest.fixture(scope="session")
 def server(tiny_cubes: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Base URL of ``xcube serve`` running the ``deepearth serve`` config of tiny_cubes."""
@@ -33,6 +37,7 @@ def server(tiny_cubes: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     plugin = {"MaxBatchFeatures": 3, "MaxK": 50, "MaxPageSize": 100, "MaxUmapPoints": 100,
               "RequestTimeout": 60}
     with serve_cubeset(tiny_cubes, workdir, plugin=plugin) as url:
+        SERVER_CONFIG.update(yaml.safe_load((workdir / "config.yml").read_text()))
         yield url
 
 
@@ -137,7 +142,10 @@ def test_xcube_datasets_and_tiles_still_work(server):
     assert meta.get("rgbSchema", {}).get("varNames") == ["embedding_r", "embedding_g",
                                                         "embedding_b"]
     by_name = {v["name"]: v for v in meta["variables"]}
-    assert by_name["observation_count"]["colorBarMax"] == 50.0
+    styles = SERVER_CONFIG["Styles"][0]["ColorMappings"]
+    for name in S.GRID_VARS:  # the configured style ranges reach xcube
+        assert [by_name[name]["colorBarMin"], by_name[name]["colorBarMax"]] == \
+            styles[name]["ValueRange"]
     r = get(server, "/tiles/grid/observation_count/0/0/0")
     assert r.status_code == 200 and r.headers["Content-Type"] == "image/png"
     assert Image.open(io.BytesIO(r.content)).size == (256, 256)

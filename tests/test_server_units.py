@@ -154,8 +154,9 @@ def test_region_statistics_whole_set(tiny_cubes):
 
 
 # -- config -------------------------------------------------------------------------------
-def test_make_config(tiny_cubes):
-    cfg = make_config(str(tiny_cubes), port=9999, address="0.0.0.0")
+def test_make_config(tiny_cubes, tmp_path):
+    # without a viewer/ folder: the plugin's own styles (value ranges from color_value_max)
+    cfg = make_config(str(tiny_cubes), port=9999, address="0.0.0.0", repo_root=tmp_path)
     assert cfg["port"] == 9999 and cfg["address"] == "0.0.0.0"
     (ds,) = cfg["Datasets"]
     assert ds["Path"] == str(Path(tiny_cubes).resolve() / "grid.levels")
@@ -168,7 +169,11 @@ def test_make_config(tiny_cubes):
         assert m[name]["ValueRange"] == [0.0, var.attrs["color_value_max"]]
     assert m["rgb"]["Red"] == {"Variable": "embedding_r", "ValueRange": [0.0, 1.0]}
     assert cfg["DeepEarth"]["CubeSet"] == str(Path(tiny_cubes).resolve())
+    assert "Viewer" not in cfg
+    # with the repository's viewer/ folder: the viewer hook
+    cfg = make_config(str(tiny_cubes))
     assert cfg["Viewer"]["Configuration"]["Path"].endswith("viewer")
+    assert cfg["Datasets"][0]["Identifier"] == "grid" and "DeepEarth" in cfg
 
 
 def test_dataset_location_for_s3():
