@@ -116,7 +116,8 @@ def tune_styles(config: dict[str, Any], grid) -> None:
 
     for style in config.get("Styles", []) or []:
         for name, mapping in (style.get("ColorMappings") or {}).items():
-            if "ColorBar" not in mapping or name not in grid.data_vars:
+            if ("ColorBar" not in mapping or name not in grid.data_vars
+                    or name.startswith("embedding_")):  # composites: keep [0, 1]
                 continue
             is_count = name in COUNT_VARIABLES or name.startswith(S.TOP_SPECIES_PREFIX)
             vmax = fitted_vmax(grid[name].values, integer=is_count)

@@ -52,7 +52,7 @@ def render_panel(ctx, place_id: str | None = None) -> Component:
     ])
     chart = VegaChart(id="emb_chart", chart=update_chart(ctx, "species", "cluster", "x-y",
                                                          place_id),
-                      style={"width": "100%", "height": CHART_HEIGHT + 40})
+                      style={"width": "100%"})
     info = Markdown(id="emb_info", text=update_info(ctx, None, "species", place_id))
     link = Markdown(id="emb_link", text=update_link(ctx, place_id))
     return Box(style={**COLUMN, "padding": "8px"}, children=[controls, chart, info, link])

@@ -44,7 +44,8 @@ FRAMES = [(f, "Frame mean" if f == "mean" else f"Frame {int(f) + 1}")
 COLORMAPS = ["plasma", "viridis", "inferno", "magma", "cividis", "turbo", "hot", "gray"]
 DEFAULTS = {"method": "l2norm", "frame": "mean", "colormap": "plasma", "opacity": 70,
             "photo": True}
-IMAGE_SIZE = 256  # pixels per side of the attention and UMAP-RGB images
+IMAGE_SIZE = 256  # pixels per side of the attention and UMAP-RGB PNGs
+SHOWN = 220  # pixels per side they are shown at (two fit side by side in the side panel)
 SIMILAR_K = 8
 HINT = ("Select an observation on the map (the points, coloured by the language cluster "
         "of their species) to see its details and what the vision model attends to.")
@@ -155,8 +156,8 @@ def _embedding(ctx, rec: dict[str, Any], emb: dict[str, Any],
     umap_rgb = api_url(ctx, f"{base}/umap_rgb.png", size=IMAGE_SIZE)
     photo = _photo_url(rec, n) if style["photo"] else None
     # The viewer's Markdown gives images a 1rem top margin: the photo is placed to match.
-    under = {"width": IMAGE_SIZE, "backgroundRepeat": "no-repeat",
-             "backgroundSize": f"{IMAGE_SIZE}px {IMAGE_SIZE}px",
+    under = {"width": SHOWN, "backgroundRepeat": "no-repeat",
+             "backgroundSize": f"{SHOWN}px {SHOWN}px",
              "backgroundPosition": "0 1rem"}
     if photo:
         under["backgroundImage"] = f"url({photo})"
@@ -168,7 +169,7 @@ def _embedding(ctx, rec: dict[str, Any], emb: dict[str, Any],
                 Markdown(text=f"![attention map of photo {n + 1}]({attention})")]),
             Typography(text=f"Attention: {label}", variant="caption"),
         ]),
-        Box(style={"display": "flex", "flexDirection": "column", "width": IMAGE_SIZE},
+        Box(style={"display": "flex", "flexDirection": "column", "width": SHOWN},
             children=[Markdown(text=f"![UMAP-RGB of photo {n + 1}]({umap_rgb})"),
                       Typography(text="UMAP-RGB of the 24 × 24 patches", variant="caption")]),
     ])

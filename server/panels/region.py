@@ -31,7 +31,7 @@ SPLITS = [("all", "All observations"), ("train", "train (2010–2024)"),
 TOP_SPECIES = 12
 KM_PER_DEGREE = 111.32
 MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-OUTPUTS = ("reg_summary", "reg_species", "reg_years", "reg_months")
+COUNT_AXIS = alt.Axis(format="d", tickMinStep=1)
 
 
 @panel.layout(
@@ -55,9 +55,9 @@ def render_panel(ctx, geometry: dict | None = None, place_id: str | None = None,
     return Box(style={**COLUMN, "padding": "8px"}, children=[
         controls,
         Markdown(id="reg_summary", text=summary),
-        VegaChart(id="reg_species", chart=species, style={**chart_style, "height": 330}),
-        VegaChart(id="reg_years", chart=years, style={**chart_style, "height": 210}),
-        VegaChart(id="reg_months", chart=months, style={**chart_style, "height": 210}),
+        VegaChart(id="reg_species", chart=species, style=chart_style),
+        VegaChart(id="reg_years", chart=years, style=chart_style),
+        VegaChart(id="reg_months", chart=months, style=chart_style),
     ])
 
 
@@ -149,11 +149,11 @@ def species_chart(stats: dict[str, Any]) -> alt.Chart:
         .encode(
             y=alt.Y("species:N", sort=None, title=None,
                     axis=alt.Axis(labelLimit=180, labelFontStyle="italic")),
-            x=alt.X("count:Q", title="observations"),
+            x=alt.X("count:Q", title="observations", axis=COUNT_AXIS),
             color=alt.Color("color:N", scale=None),
             tooltip=["species:N", "count:Q", alt.Tooltip("share:Q", format=".1%")],
         )
-        .properties(width="container", height=280)
+        .properties(width="container", height=alt.Step(20))
     )
 
 
@@ -162,7 +162,8 @@ def years_chart(stats: dict[str, Any]) -> alt.Chart:
     return (
         alt.Chart(df, title="Observations per year")
         .mark_bar(color="#2e7d32")
-        .encode(x=alt.X("year:O", title=None), y=alt.Y("count:Q", title="observations"),
+        .encode(x=alt.X("year:O", title=None, axis=alt.Axis(labelAngle=0)),
+                y=alt.Y("count:Q", title="observations", axis=COUNT_AXIS),
                 tooltip=["year:O", "count:Q"])
         .properties(width="container", height=160)
     )
@@ -174,8 +175,9 @@ def months_chart(stats: dict[str, Any]) -> alt.Chart:
     return (
         alt.Chart(df, title="Observations per month of year")
         .mark_bar(color="#00838f")
-        .encode(x=alt.X("name:N", sort=MONTHS, title=None),
-                y=alt.Y("count:Q", title="observations"), tooltip=["name:N", "count:Q"])
+        .encode(x=alt.X("name:N", sort=MONTHS, title=None, axis=alt.Axis(labelAngle=0)),
+                y=alt.Y("count:Q", title="observations", axis=COUNT_AXIS),
+                tooltip=["name:N", "count:Q"])
         .properties(width="container", height=160)
     )
 
@@ -196,6 +198,7 @@ def summary_text(ctx, stats: dict[str, Any], where: str, when: str, f: Filters) 
         f"**Region:** {md_escape(where)}" + (
             f" (W {bbox[0]:.4f}, S {bbox[1]:.4f}, E {bbox[2]:.4f}, N {bbox[3]:.4f})"
             if bbox else ""),
+        "",
         f"**Time:** {md_escape(when)}{split}",
         "",
         "| | |",

@@ -1,0 +1,465 @@
+"""The viewer customisation without a browser: panels, place group, prepared viewer, config.
+
+The panel callbacks are called directly with the context chartlets gives them (the
+server context of an in-process xcube ``Server`` over ``tiny_cubes``), and through
+chartlets' own controllers with the viewer API's extension context, as the viewer
+calls them. Their numbers are compared with :mod:`cube_gen.analysis` and the cubes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+import pandas as pd
+import pytest
+from chartlets.controllers import get_callback_results, get_contributions, get_layout
+
+from cube_gen import analysis
+from cube_gen import schema as S
+from cube_gen.access import CubeSet, Query
+from server import viewer_setup as V
+from server.launch import make_config
+from server.panels import embedding_space, observation, region
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def xserver(tiny_cubes):
+    """An in-process xcube Server with the ``deepearth serve`` config of tiny_cubes."""
+    from xcube.server.server import Server
+    from xcube.server.webservers.tornado import TornadoFramework
+
+    server = Server(TornadoFramework(), make_config(str(tiny_cubes)))
+    yield server
+    server.ctx.on_dispose()
+
+
+@pytest.fixture(scope="module")
+def ctx(xserver):
+    """The context the viewer's chartlets extension passes to layouts and callbacks."""
+    return xserver.ctx
+
+
+@pytest.fixture(scope="module")
+def cs(tiny_cubes) -> CubeSet:
+    return CubeSet.open(str(tiny_cubes))
+
+
+def _with_vision(cs: CubeSet, n_embeddings: int | None = None) -> int:
+    """gbif_id of an observation with photo embeddings (``n_embeddings`` of them if given)."""
+    obs = cs.observations
+    ok = obs.has_vision.values
+    if n_embeddings is not None:
+        ok &= obs.num_embeddings.values == n_embeddings
+    return int(obs.gbif_id.values[np.flatnonzero(ok)[0]])
+
+
+def _without_vision(cs: CubeSet) -> int:
+    obs = cs.observations
+    return int(obs.gbif_id.values[np.flatnonzero(~obs.has_vision.values)[0]])
+
+
+def _walk(component: dict):
+    yield component
+    for child in component.get("children") or []:
+        if isinstance(child, dict):
+            yield from _walk(child)
+
+
+def _by_id(component: dict, id: str) -> dict:
+    found = [c for c in _walk(component) if c.get("id") == id]
+    assert found, f"no component {id!r}"
+    return found[0]
+
+
+def _markdown(component: dict) -> str:
+    return "\n".join(c["text"] for c in _walk(component) if c.get("type") == "Markdown")
+
+
+def _image_urls(component: dict) -> list[str]:
+    text = _markdown(component)
+    return [part.split(")")[0] for part in text.split("](")[1:] if ".png" in part.split(")")[0]]
+
+
+# -- the place group -----------------------------------------------------------------------
+def test_place_ids_round_trip():
+    assert V.place_id(123) == "obs-123"
+    assert V.gbif_id_of_place("obs-123") == 123
+    for other in (None, "", "user-1", "obs-", "obs-x", "123"):
+        assert V.gbif_id_of_place(other) is None
+
+
+def test_observation_features_are_every_observation(cs):
+    features = V.observation_features(cs)
+    obs = cs.observations
+    assert len(features) == obs.sizes["obs"] == 240
+    assert [f["id"] for f in features] == [f"obs-{g}" for g in obs.gbif_id.values]
+    colors = cs.species_table().cluster_color.to_numpy()
+    names = cs.species_table().taxon_name.to_numpy()
+    for f, lat, lon, sp, t in zip(features, obs.lat.values, obs.lon.values,
+                                  obs.species_index.values, obs.time.values, strict=True):
+        assert f["geometry"]["coordinates"] == pytest.approx([lon, lat], abs=1e-6)
+        assert f["properties"]["color"] == colors[sp]
+        assert f["properties"]["label"] == f"{names[sp]} · {pd.Timestamp(t):%Y-%m-%d}"
+    json.dumps(features)  # JSON-ready
+
+
+def test_place_group_reaches_the_datasets_api(xserver, cs):
+    datasets = xserver.ctx.get_api_ctx("datasets")
+    groups = datasets.get_dataset_place_groups("grid", "http://localhost")
+    (group,) = [g for g in groups if g["id"] == V.PLACE_GROUP_ID]
+    assert len(group["features"]) == 240
+    assert group["propertyMapping"] == {"label": "label", "color": "color"}
+    from xcube.webapi.datasets.controllers import get_dataset_place_group
+
+    served = get_dataset_place_group(datasets, "grid", V.PLACE_GROUP_ID, "http://localhost")
+    assert len(served["features"]) == 240 and "sourcePaths" not in served
+
+
+# -- observation panel ---------------------------------------------------------------------
+def test_observation_panel_shows_the_selected_observation(ctx, cs):
+    gid = _with_vision(cs, 2)
+    body = observation.update_body(ctx, f"obs-{gid}", "variance", "3", "viridis", 40, True)
+    d = body.to_dict()
+    assert d["id"] == observation.BODY
+    rec = cs.observation(gid)
+    assert _by_id(d, "obs_species")["text"] == rec["taxon_name"]
+    fields = _by_id(d, "obs_fields")["text"]
+    assert f"[{gid}](https://www.gbif.org/occurrence/{gid})" in fields
+    assert rec["split"] in fields and f"{abs(rec['lat']):.5f}° N" in fields
+    assert fields.count("](https://inaturalist") == len(rec["image_urls"])
+    # one attention map and one UMAP-RGB per embedding, from the plugin's endpoints
+    urls = _image_urls(d)
+    images = cs.images_of(gid)
+    assert len(urls) == 2 * len(images) == 4
+    attention = [u for u in urls if "/attention.png" in u]
+    for n, u in enumerate(attention):
+        parsed = urlparse(u)
+        assert parsed.path == f"/deepearth/embeddings/{gid}/{n}/attention.png"
+        assert parse_qs(parsed.query) == {"method": ["variance"], "frame": ["3"],
+                                          "colormap": ["viridis"], "alpha": ["0.40"],
+                                          "size": [str(observation.IMAGE_SIZE)]}
+    assert all(u.startswith("/deepearth/embeddings/") for u in urls)
+    # statistics: the cube's values, one table per embedding
+    for n, pos in enumerate(images):
+        rows = _by_id(d, f"obs_stats_{n}")["rows"]
+        want = cs.image_stats(pos)
+        assert [r[0] for r in rows] == [S.IMAGE_STATS[k] for k in want]
+        assert [float(r[1]) for r in rows] == pytest.approx(list(want.values()), rel=1e-3)
+    # similar embeddings: exactly analysis.similar_embeddings of the first photo
+    rows = _by_id(d, "obs_similar")["rows"]
+    want = analysis.similar_embeddings(cs, images[0], k=observation.SIMILAR_K)
+    assert [(r[4], r[5]) for r in rows] == [(w["gbif_id"], w["image_number"]) for w in want]
+    assert [r[6] for r in rows] == pytest.approx([w["score"] for w in want], abs=1e-4)
+
+
+def test_observation_panel_photo_under_the_attention_map(ctx, cs):
+    gid = _with_vision(cs)
+    on = observation.update_body(ctx, f"obs-{gid}", None, None, None, None, True).to_dict()
+    off = observation.update_body(ctx, f"obs-{gid}", None, None, None, None, False).to_dict()
+    under_on = _by_id(on, "obs_attention_0")["style"]
+    assert under_on["backgroundImage"].startswith("url(https://")
+    assert "backgroundImage" not in _by_id(off, "obs_attention_0")["style"]
+
+
+def test_observation_panel_defaults_and_bad_values(ctx, cs):
+    gid = _with_vision(cs)
+    d = observation.update_body(ctx, f"obs-{gid}", "nonsense", "99", "no-such-map", 250,
+                                None).to_dict()
+    q = parse_qs(urlparse(_image_urls(d)[0]).query)
+    assert (q["method"], q["frame"], q["colormap"], q["alpha"]) == \
+        (["l2norm"], ["mean"], ["plasma"], ["1.00"])
+
+
+def test_observation_panel_without_an_observation(ctx, cs):
+    for place in (None, "user-abc", "obs-nonsense"):
+        d = observation.update_body(ctx, place).to_dict()
+        assert d["id"] == observation.BODY
+        assert "Select an observation" in d["children"][0]["text"]
+    d = observation.update_body(ctx, "obs-1").to_dict()  # no such gbif_id: a message
+    assert d["id"] == observation.BODY and "no observation with gbif_id 1" in str(d)
+    gid = _without_vision(cs)
+    d = observation.update_body(ctx, f"obs-{gid}").to_dict()
+    assert "no vision embedding" in str(d) and not _image_urls(d)
+
+
+def test_panels_report_an_unavailable_cube_set():
+    class NoDeepEarth:
+        config: dict = {}
+
+        def get_api_ctx(self, name):
+            return None
+
+    d = observation.update_body(NoDeepEarth(), "obs-1").to_dict()
+    assert "DeepEarth API is not running" in str(d)
+    assert embedding_space.update_chart(NoDeepEarth(), "species") is None
+    summary, *charts = region.update_region(NoDeepEarth(), None)
+    assert "DeepEarth API is not running" in summary and charts == [None, None, None]
+
+
+# -- embedding space panel -----------------------------------------------------------------
+def _chart_data(chart) -> list[dict]:
+    spec = chart.to_dict()
+    (values,) = spec["datasets"].values()
+    return values
+
+
+def test_species_chart_is_the_language_umap(ctx, cs):
+    gid = _with_vision(cs)
+    sp = cs.observation(gid)["species_index"]
+    chart = embedding_space.update_chart(ctx, "species", "cluster", "x-z", f"obs-{gid}")
+    spec = chart.to_dict()
+    rows = _chart_data(chart)
+    assert len(rows) == 12
+    umap = cs.species.umap.values
+    table = cs.species_table()
+    for r in rows:
+        i = r["key"]
+        assert (r["x"], r["y"], r["z"]) == pytest.approx(tuple(umap[i]), abs=1e-5)
+        assert r["fill"] == table.cluster_color[i] and r["highlight"] == (i == sp)
+    assert spec["encoding"]["x"]["field"] == "x" and spec["encoding"]["y"]["field"] == "z"
+    # the click selection chartlets turns into the "picked" property
+    (param,) = [p for p in spec["params"] if p["name"] == embedding_space.SELECTION]
+    assert param["select"] == {"type": "point", "fields": ["key"], "on": "click"}
+    by_species = _chart_data(embedding_space.update_chart(ctx, "species", "species", "x-y"))
+    assert [r["fill"] for r in by_species] == list(table.color)
+
+
+def test_vision_chart_is_the_vision_umap(ctx, cs):
+    gid = _with_vision(cs, 2)
+    rows = _chart_data(embedding_space.update_chart(ctx, "vision", "cluster", "y-z",
+                                                    f"obs-{gid}"))
+    assert len(rows) == 6
+    t = cs.image_table()
+    umap = cs.vision.umap.values
+    for r in rows:
+        pos = cs.image_position(int(r["gbif_id"]), int(r["image_number"]))
+        assert (r["x"], r["y"], r["z"]) == pytest.approx(tuple(umap[pos]), abs=1e-5)
+        assert r["highlight"] == (r["gbif_id"] == gid)
+        assert r["key"] == f"{t.gbif_id[pos]}:{t.image_number[pos]}"
+    assert sum(r["highlight"] for r in rows) == 2
+
+
+def test_vision_chart_keeps_the_selected_points_when_thinned(ctx, cs, monkeypatch):
+    monkeypatch.setattr(embedding_space, "MAX_VISION_POINTS", 2)
+    gid = int(cs.image_table().gbif_id.iloc[-1])
+    df, total = embedding_space.vision_frame(ctx, gid)
+    assert total == 6 and len(df) < 6 and (df.gbif_id == gid).any()
+
+
+def test_embedding_info_describes_picked_points(ctx, cs):
+    table = cs.species_table()
+    text = embedding_space.update_info(ctx, {"key": [0, 3]}, "species", None)
+    for i in (0, 3):
+        assert table.taxon_name[i] in text
+    nearest = analysis.similar_species(cs, 0, 3)
+    assert nearest[0]["taxon_name"] in text
+    t = cs.image_table()
+    key = f"{t.gbif_id[1]}:{t.image_number[1]}"
+    text = embedding_space.update_info(ctx, {"key": [key], "vlPoint": {}}, "vision", None)
+    assert f"GBIF {t.gbif_id[1]}" in text and "/attention.png?size=96" in text
+    assert embedding_space.HINT in embedding_space.update_info(ctx, None, "species", None)
+    # keys of the other view are ignored
+    assert embedding_space.HINT in embedding_space.update_info(ctx, {"key": [key]}, "species")
+    gid = _with_vision(cs)
+    assert "Selected on the map" in embedding_space.update_info(ctx, None, "vision",
+                                                                f"obs-{gid}")
+    link = embedding_space.update_link(ctx, f"obs-{gid}")
+    assert f"(/explore/embedding-space.html?gbif_id={gid})" in link
+
+
+# -- region panel --------------------------------------------------------------------------
+def test_region_bbox_and_year():
+    bbox, where = region.region_bbox({"type": "Point", "coordinates": [-81.5, 28.5]}, 2.0)
+    dlat = 2.0 / region.KM_PER_DEGREE
+    dlon = dlat / np.cos(np.radians(28.5))
+    assert bbox == pytest.approx((-81.5 - dlon, 28.5 - dlat, -81.5 + dlon, 28.5 + dlat))
+    assert "± 2 km" in where
+    poly = {"type": "Polygon", "coordinates": [[[-81.8, 28.1], [-81.2, 28.1], [-81.2, 28.6],
+                                                [-81.8, 28.1]]]}
+    assert region.region_bbox(poly, 2.0)[0] == (-81.8, 28.1, -81.2, 28.6)
+    assert region.region_bbox(None, 2.0)[0] is None
+    start, end = region.year_range("2019-01-01T00:00:00Z")
+    assert start == pd.Timestamp("2019-01-01") and end.year == 2019 and end.month == 12
+    assert region.year_range(None) is None and region.year_range("garbage") is None
+
+
+def _summary_numbers(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0]:
+            out[cells[0]] = cells[1]
+    return out
+
+
+@pytest.mark.parametrize("geometry, time_mode, split", [
+    (None, "all", "all"),
+    ({"type": "Polygon", "coordinates": [[[-81.9, 28.0], [-81.3, 28.0], [-81.3, 28.7],
+                                          [-81.9, 28.0]]]}, "all", "train"),
+    ("observation", "year", "all"),
+])
+def test_region_panel_numbers_are_the_region_statistics(ctx, cs, geometry, time_mode, split):
+    if geometry == "observation":
+        rec = cs.observation(_with_vision(cs))
+        geometry = {"type": "Point", "coordinates": [rec["lon"], rec["lat"]]}
+    time_label = "2019-01-01T00:00:00Z"
+    summary, species, years, months = region.update_region(ctx, geometry, None, time_label,
+                                                           5.0, time_mode, split)
+    f, _, _ = region.region_filters(geometry, time_label, 5.0, time_mode, split)
+    want = analysis.region_statistics(cs, Query.make(bbox=f.bbox, start=f.start, end=f.end,
+                                                     split=f.split))
+    nums = _summary_numbers(summary)
+    assert nums["Observations"].startswith(f"{want['observations']:,} ")
+    assert nums["Species richness"] == f"{want['richness']:,}"
+    assert nums["Shannon H′ (nats)"] == region.fmt(want["shannon"])
+    assert nums["Gini–Simpson 1 − Σp²"] == region.fmt(want["gini_simpson"])
+    top = want["species"][:region.TOP_SPECIES]
+    rows = _chart_data(species)
+    assert [(r["species"], r["count"]) for r in rows[:len(top)]] == \
+        [(s["taxon_name"], s["count"]) for s in top]
+    assert sum(r["count"] for r in rows) == want["observations"]
+    assert [(r["year"], r["count"]) for r in _chart_data(years)] == \
+        [(y["year"], y["count"]) for y in want["by_year"]]
+    assert [r["count"] for r in _chart_data(months)] == [m["count"] for m in want["by_month"]]
+    # the link names the same query at the HTTP endpoint
+    link = summary.split("](")[-1].rstrip(")")
+    q = parse_qs(urlparse(link).query)
+    assert urlparse(link).path == "/deepearth/stats/region"
+    if f.bbox:
+        assert [float(v) for v in q["bbox"][0].split(",")] == pytest.approx(f.bbox, abs=1e-6)
+    assert q.get("split") == ([split] if split != "all" else None)
+    if time_mode == "year":
+        assert q["start"] == ["2019-01-01"] and q["end"] == ["2019-12-31"]
+
+
+def test_region_panel_uses_the_shared_service_cache(ctx):
+    svc = ctx.get_api_ctx("deepearth").service
+    region.update_region(ctx, None, None, None, 2.0, "all", "train")
+    hits = svc.cache.stats()["hits"]
+    region.update_region(ctx, None, None, None, 2.0, "all", "train")
+    assert svc.cache.stats()["hits"] > hits
+
+
+# -- the extension as the viewer sees it ---------------------------------------------------
+def test_extension_contributions_layouts_and_callbacks(xserver, cs):
+    ext_ctx = xserver.ctx.get_api_ctx("viewer").ext_ctx
+    assert ext_ctx is not None, "the config's Viewer: Augmentation did not load the panels"
+    r = get_contributions(ext_ctx)
+    assert r.ok, r.reason
+    panels = r.data["contributions"]["panels"]
+    assert [p["initialState"]["title"] for p in panels] == \
+        ["Observation", "Embedding space", "Region statistics"]
+    gid = _with_vision(cs)
+    for index in range(3):
+        r = get_layout(ext_ctx, "panels", index, {"inputValues": [f"obs-{gid}", None, None][
+            :len(panels[index]["layout"]["inputs"])]})
+        assert r.ok, r.reason
+        json.dumps(r.data)
+    # the observation panel's body callback, as the viewer calls it on a map selection
+    callbacks = panels[0]["callbacks"]
+    (k,) = [i for i, c in enumerate(callbacks) if c["outputs"][0]["id"] == observation.BODY]
+    r = get_callback_results(ext_ctx, {"callbackRequests": [{
+        "contribPoint": "panels", "contribIndex": 0, "callbackIndex": k,
+        "inputValues": [f"obs-{gid}", "entropy", "mean", "magma", 70, True]}]})
+    assert r.ok, r.reason
+    (change,) = r.data[0]["stateChanges"]
+    assert change["id"] == observation.BODY and "entropy" in json.dumps(change["value"])
+
+
+# -- the prepared viewer, config -----------------------------------------------------------
+def _fake_bundle(root: Path) -> Path:
+    (root / "assets").mkdir(parents=True)
+    (root / "docs").mkdir()
+    (root / "images").mkdir()
+    (root / "assets" / "main-x.js").write_text("// viewer")
+    (root / "docs" / "privacy-note.en.md").write_text("data from Brockmann Consult GmbH")
+    (root / "index.html").write_text(
+        '<html><head><link rel="icon" href="./images/favicon.ico"/>'
+        "<title>xcube Viewer</title></head><body></body></html>")
+    return root
+
+
+def test_prepare_viewer_dist_lays_our_files_over_a_copy(tmp_path):
+    bundle = _fake_bundle(tmp_path / "bundle")
+    viewer = tmp_path / "viewer"
+    (viewer / "images").mkdir(parents=True)
+    (viewer / "images" / "deepearth-logo.png").write_bytes(b"png")
+    overlay = viewer / V.OVERLAY_FOLDER
+    (overlay / "docs").mkdir(parents=True)
+    (overlay / "docs" / "privacy-note.en.md").write_text("DeepEarth Cube note")
+    (overlay / V.INIT_SCRIPT).write_text("// init")
+    dist = V.prepare_viewer_dist(viewer, bundle)
+    assert dist.parent == viewer / V.DIST_FOLDER
+    assert (dist / "docs" / "privacy-note.en.md").read_text() == "DeepEarth Cube note"
+    assert (dist / "assets" / "main-x.js").is_file() and (dist / V.INIT_SCRIPT).is_file()
+    assert (dist / "images" / "deepearth-logo.png").read_bytes() == b"png"
+    html = (dist / "index.html").read_text()
+    assert "<title>DeepEarth Cube</title>" in html
+    assert html.index(V.INIT_SCRIPT) < html.index("<title>")  # runs before the viewer
+    assert V.patch_index_html(html) == html
+    assert "Brockmann" not in (bundle / "index.html").read_text()  # the bundle is untouched
+    # unchanged inputs: the same folder; a changed overlay: a new one
+    assert V.prepare_viewer_dist(viewer, bundle) == dist
+    (overlay / "docs" / "privacy-note.en.md").write_text("changed")
+    again = V.prepare_viewer_dist(viewer, bundle)
+    assert again != dist and (again / "docs" / "privacy-note.en.md").read_text() == "changed"
+    assert not [p for p in (viewer / V.DIST_FOLDER).iterdir() if p.name.startswith("tmp-")]
+
+
+def test_repository_overlay_replaces_the_privacy_note():
+    bundle = V.bundled_viewer_dist()
+    assert bundle is not None, "xcube ships no viewer build"
+    for lang in ("en", "de", "se"):
+        ours = REPO / "viewer" / V.OVERLAY_FOLDER / "docs" / f"privacy-note.{lang}.md"
+        assert ours.is_file() and "Brockmann" not in ours.read_text()
+        assert (bundle / "docs" / ours.name).is_file()  # the file the viewer asks for
+    assert "<head>" in (bundle / "index.html").read_text()
+
+
+def test_config_names_the_viewer_and_serves_the_prepared_copy(tiny_cubes, monkeypatch):
+    monkeypatch.delenv(V.ENV_VIEWER_PATH, raising=False)
+    cfg = make_config(str(tiny_cubes))
+    assert cfg["Viewer"] == {"Configuration": {"Path": str(REPO / "viewer")},
+                             "Augmentation": {"Extensions": [V.PANELS_EXTENSION]}}
+    (route,) = cfg["static_routes"]
+    assert route["path"] == "/viewer" and route["default_filename"] == "index.html"
+    dist = Path(route["dir_path"])
+    assert dist.parent == REPO / "viewer" / V.DIST_FOLDER and (dist / "index.html").is_file()
+    note = (dist / "docs" / "privacy-note.en.md").read_text()
+    assert "DeepEarth Cube" in note and "Brockmann" not in note
+    # a viewer chosen with XCUBE_VIEWER_PATH is left alone
+    monkeypatch.setenv(V.ENV_VIEWER_PATH, "/somewhere/else")
+    assert "static_routes" not in make_config(str(tiny_cubes))
+
+
+def test_viewer_config_json_is_branded():
+    config = json.loads((REPO / "viewer" / "config.json").read_text())
+    branding = config["branding"]
+    assert branding["appBarTitle"] == "DeepEarth Cube"
+    assert (REPO / "viewer" / branding["logoImage"]).is_file()
+    assert branding["logoImage"].endswith(".png")  # the config route serves no SVG type
+    assert (REPO / "viewer" / "about.en.md").is_file()
+    assert branding["allowAboutPage"] is True
+
+
+def test_styles_fit_the_data(tiny_cubes):
+    cfg = make_config(str(tiny_cubes))
+    grid = CubeSet.open(str(tiny_cubes)).grid(0)
+    m = cfg["Styles"][0]["ColorMappings"]
+    for name in ("observation_count", "species_richness", "vision_count"):
+        v = grid[name].values
+        positive = v[np.isfinite(v) & (v > 0)]
+        assert m[name]["ColorBar"].endswith("_alpha")  # zero is transparent
+        assert m[name]["ValueRange"] == [0.0, float(np.ceil(np.percentile(positive, 99.5)))]
+    assert not m["shannon_diversity"]["ColorBar"].endswith("_alpha")
+    assert m["embedding_r"]["ValueRange"] == [0.0, 1.0]
+    assert m["rgb"]["Red"]["ValueRange"] == [0.0, 1.0]
+    species = [k for k in m if k.startswith(S.TOP_SPECIES_PREFIX)]
+    assert species and all(m[k]["ColorBar"] == "YlOrRd_alpha" for k in species)
+    assert V.fitted_vmax(np.array([0.0, np.nan]), True) is None
+    assert V.fitted_vmax(np.array([0.2, 0.4]), False) == pytest.approx(0.399)
