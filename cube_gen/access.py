@@ -8,10 +8,12 @@ read, and a batch of embeddings is read in sorted, coalesced order.
 
 from __future__ import annotations
 
+import mmap
 import operator
 import os
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,6 +95,20 @@ class CubeSet:
     def __reduce__(self):
         # pickles as (url, storage_options): a process that unpickles it reopens the cubes
         return (type(self), (self.url, self.storage_options))
+
+    def close(self) -> None:
+        """Drop open handles, memory maps and cached tables (the object stays usable)."""
+        with self._lock:
+            layout = self._cache.get("raw_layout")
+            if layout is not None:
+                layout.maps.clear()
+            self._cache.clear()
+
+    def __enter__(self) -> CubeSet:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> CubeSet:
@@ -525,12 +541,71 @@ def _read_into(fd: int, views: list[np.ndarray], offset: int, path: str) -> None
             views[0] = views[0][got:]
 
 
+def _default_map_budget() -> int:
+    """Bytes of feature files kept memory-mapped per process (a quarter of the RAM).
+
+    Override with the environment variable ``DEEPEARTH_MMAP_BYTES`` (0: never map).
+    """
+    env = os.environ.get("DEEPEARTH_MMAP_BYTES")
+    if env:
+        return max(int(float(env)), 0)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - no sysconf
+        return 4 << 30
+
+
+class _FileMaps:
+    """An LRU of read-only memory maps of feature files, bounded by their total size.
+
+    A file read once with ``preadv`` is mapped for later reads: copying from a mapping
+    whose pages are already mapped is a plain memcpy, about twice as fast as a read
+    system call on a warm page cache. Evicted maps are dropped, not closed: a copy in
+    progress keeps its map alive until it finishes.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.used = 0
+        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> mmap.mmap | None:
+        with self._lock:
+            m = self._maps.get(path)
+            if m is not None:
+                self._maps.move_to_end(path)
+            return m
+
+    def add(self, path: str, fd: int, size: int) -> None:
+        if not 0 < size <= self.budget:
+            return
+        try:
+            m = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # pragma: no cover - unmappable file: keep reading it
+            return
+        with self._lock:
+            if path in self._maps:
+                return
+            self._maps[path] = m
+            self.used += size
+            while self.used > self.budget and self._maps:
+                _, old = self._maps.popitem(last=False)
+                self.used -= len(old)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._maps.clear()
+            self.used = 0
+
+
 class _RawLayout:
     """Where each image's features lie as raw bytes in local files.
 
     Applies to uncompressed Zarr v3 arrays (bytes codec only; optionally sharded with an
     uncompressed inner chunk per image) and uncompressed C-order Zarr v2 arrays, whose
-    chunks hold exactly one image each.
+    chunks hold exactly one image each. Like the rest of a CubeSet, it is a snapshot:
+    reopen the cube set after rebuilding it in place.
     """
 
     def __init__(self, root: str, dtype: np.dtype, shape: tuple[int, ...], key, per_file: int,
@@ -544,53 +619,74 @@ class _RawLayout:
         self.item_nbytes = int(np.prod(shape)) * dtype.itemsize
         self.frame_nbytes = self.item_nbytes // shape[0]
         self._index: dict[str, np.ndarray] = {}
+        self.maps = _FileMaps(_default_map_budget())
 
     def file_of(self, image: int) -> tuple[str, int]:
         f, slot = divmod(int(image), self.per_file)
         return os.path.join(self.root, *self.key(f).split("/")), slot
 
-    def _shard_index(self, fd: int, path: str) -> np.ndarray:
+    def _shard_index(self, path: str, size: int, read) -> np.ndarray:
         index = self._index.get(path)
         if index is None:
             nbytes = 16 * self.per_file
-            at = os.fstat(fd).st_size - nbytes - 4 if self.index_at_end else 0
-            raw = np.empty(nbytes, np.uint8)
-            _read_into(fd, [raw], at, path)
-            index = raw.view("<u8").reshape(self.per_file, 2)
+            at = size - nbytes - 4 if self.index_at_end else 0
+            if at < 0:
+                raise CubeError(f"{path}: shard of {size} bytes is too small for its index")
+            index = read(at, nbytes).view("<u8").reshape(self.per_file, 2)
             self._index[path] = index  # a dict store is atomic: no lock needed
         return index
 
-    def _offset(self, fd: int, path: str, slot: int) -> int | None:
-        if self.per_file == 1:
-            return 0
-        off, nbytes = (int(v) for v in self._shard_index(fd, path)[slot])
-        if off == _NO_CHUNK:
-            return None
-        if nbytes != self.item_nbytes:
-            raise CubeError(f"{path}: inner chunk {slot} has {nbytes} bytes, expected "
-                            f"{self.item_nbytes} (uncompressed)")
-        return off
+    def _locate(self, path: str, size: int, items, frame: int | None, read):
+        """(offset, out) of the items present, sorted by offset, and the missing items' indices."""
+        located, missing = [], []
+        span = self.item_nbytes if frame is None else self.frame_nbytes
+        for k, (slot, out) in enumerate(items):
+            if self.per_file == 1:
+                off = 0
+            else:
+                off, nbytes = (int(v) for v in self._shard_index(path, size, read)[slot])
+                if off == _NO_CHUNK:
+                    missing.append(k)
+                    continue
+                if nbytes != self.item_nbytes:
+                    raise CubeError(f"{path}: inner chunk {slot} has {nbytes} bytes, expected "
+                                    f"{self.item_nbytes} (uncompressed)")
+            if frame is not None:
+                off += int(frame) * self.frame_nbytes
+            if off + span > size:
+                raise CubeError(f"{path}: chunk data is truncated ({size} bytes, expected at "
+                                f"least {off + span})")
+            located.append((off, out))
+        located.sort(key=lambda t: t[0])
+        return located, missing
 
     def read_file(self, path: str, items: list[tuple[int, np.ndarray]],
                   frame: int | None) -> list[int]:
         """Read ``(slot, out)`` items of one file; returns the indices of missing chunks."""
+        m = self.maps.get(path)
+        if m is not None:  # mapped: copy straight from the page cache
+            def from_map(at: int, nbytes: int) -> np.ndarray:
+                return np.frombuffer(m, np.uint8, nbytes, at).copy()
+
+            located, missing = self._locate(path, len(m), items, frame, from_map)
+            for off, out in located:
+                src = np.frombuffer(m, self.dtype, out.size, off).reshape(out.shape)
+                np.copyto(out, src, casting="unsafe")
+            return missing
         try:
             fd = os.open(path, _OPEN_FLAGS)
         except FileNotFoundError:
             return list(range(len(items)))
-        missing = []
         try:
-            located = []
-            for k, (slot, out) in enumerate(items):
-                off = self._offset(fd, path, slot)
-                if off is None:
-                    missing.append(k)
-                    continue
-                if frame is not None:
-                    off += int(frame) * self.frame_nbytes
-                located.append((off, out))
-            located.sort(key=lambda t: t[0])
-            size = self.item_nbytes if frame is None else self.frame_nbytes
+            size = os.fstat(fd).st_size
+
+            def from_fd(at: int, nbytes: int) -> np.ndarray:
+                buf = np.empty(nbytes, np.uint8)
+                _read_into(fd, [buf], at, path)
+                return buf
+
+            located, missing = self._locate(path, size, items, frame, from_fd)
+            span = self.item_nbytes if frame is None else self.frame_nbytes
             run: list[np.ndarray] = []
             start = end = -1
             for off, out in located:  # coalesce back-to-back inner chunks into one preadv
@@ -600,9 +696,10 @@ class _RawLayout:
                 if not run:
                     start = off
                 run.append(out)
-                end = off + size
+                end = off + span
             if run:
                 self._flush(fd, path, run, start)
+            self.maps.add(path, fd, size)
         finally:
             os.close(fd)
         return missing
