@@ -43,6 +43,8 @@ class ParquetSource:
             (int(g), int(n)): (int(f), int(r)) for g, n, f, r in zip(
                 index.gbif_id, index.image_number, index.file_idx, index.row_idx, strict=True)}
         self._files: dict[int, tuple[pq.ParquetFile, np.ndarray]] = {}
+        pf, _ = self._file(next(iter(self.where.values()))[0])
+        self.dtype = np.dtype(pf.schema_arrow.field("embedding").type.value_type.to_pandas_dtype())
 
     def keys(self) -> list[Key]:
         return sorted(self.where)
@@ -68,11 +70,6 @@ class ParquetSource:
                 values = col[r].values.to_numpy(zero_copy_only=False)
                 o[...] = values.reshape(L.VISION_SHAPE)
 
-    def dtype(self) -> np.dtype:
-        pf, _ = self._file(next(iter(self.where.values()))[0])
-        value = pf.schema_arrow.field("embedding").type.value_type
-        return np.dtype(value.to_pandas_dtype())
-
     def get(self, key: Key) -> np.ndarray:
         f, r = self.where[key]
         pf, starts = self._file(f)
@@ -82,7 +79,7 @@ class ParquetSource:
             L.VISION_SHAPE)
 
     def get_batch(self, keys: Sequence[Key]) -> np.ndarray:
-        out = np.empty((len(keys), *L.VISION_SHAPE), self.dtype())
+        out = np.empty((len(keys), *L.VISION_SHAPE), self.dtype)
         by_file: dict[int, list[int]] = {}
         for k, key in enumerate(keys):
             by_file.setdefault(self.where[key][0], []).append(k)

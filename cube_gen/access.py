@@ -1,9 +1,18 @@
 """Read-side access to a cube set, shared by the server plugin and ML code.
 
-``CubeSet.open(url)`` checks the manifest and opens the cubes lazily. Lookups by
-gbif_id are binary searches on sorted ids; bounding-box / time selections read only
-the observation chunks whose extents intersect the query; one embedding is one chunk
-read, and a batch of embeddings is read in sorted, coalesced order.
+``CubeSet.open(url, storage_options)`` checks the manifest and opens the cubes lazily
+(local path or any fsspec URL, e.g. ``s3://``). Lookups by gbif_id (+ image number) are
+binary searches on sorted ids; bounding-box / time selections read only the observation
+chunks whose extents intersect the query, and cache what they read.
+
+Feature reads: an uncompressed local cube (the default recipe: raw float16 chunks, one
+image per chunk, optionally sharded, Zarr v3 or v2) is read without zarr: the first read
+of a chunk file is one ``preadv`` straight into the result, later reads copy from a
+cached memory map of the file (bounded, see ``DEEPEARTH_MMAP_BYTES``), which costs about
+what a raw ``np.memmap`` of the same bytes costs. Compressed or remote cubes go through
+zarr. A batch reads each distinct image once, in file order, coalescing neighbouring
+inner chunks of a shard into one ``preadv``, and through zarr reads contiguous runs in
+parallel threads (object stores); results come back in the requested order.
 """
 
 from __future__ import annotations

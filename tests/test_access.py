@@ -366,3 +366,24 @@ def test_remote_cubes_read_through_zarr(tiny_cubes, cs):
                                       cs.select_images(split="train"))
     finally:
         fs.rm("/ml-remote", recursive=True)
+
+
+def _observation_in_child(cs: CubeSet, gbif_id: int, queue) -> None:
+    queue.put(cs.observation(gbif_id)["gbif_id"])  # a dask computation in the child
+
+
+def test_dask_reads_work_in_a_forked_child(cs, obs_table):
+    """A forked process (a DataLoader worker) computes with dask after the parent did."""
+    import multiprocessing as mp
+
+    gid = int(obs_table.gbif_id[0])
+    assert cs.observation(gid)["gbif_id"] == gid  # the parent starts dask's thread pool
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_observation_in_child, args=(cs, gid, queue))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung on dask's thread pool")
+    assert child.exitcode == 0 and queue.get(timeout=5) == gid

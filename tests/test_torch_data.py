@@ -13,7 +13,14 @@ from torch.utils.data import DataLoader
 
 from cube_gen.access import CubeSet
 from cube_gen.reader import SourceDataset
-from cube_gen.torch_data import CubeDataset, CubeIterableDataset, make_loader, resolve_device
+from cube_gen.torch_data import (
+    CubeDataset,
+    CubeIterableDataset,
+    ThreadedLoader,
+    collate,
+    make_loader,
+    resolve_device,
+)
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +186,40 @@ def test_deterministic_shuffle(tiny_cubes):
     a = [list(ds.sampler(seed=5, rank=r, world_size=2)) for r in (0, 1)]
     assert a == [list(ds.sampler(seed=5, rank=r, world_size=2)) for r in (0, 1)]
     assert sorted(a[0] + a[1]) == list(range(n))
+
+
+def test_collate_passes_the_batch_on_uncopied(tiny_cubes):
+    ds = CubeDataset(str(tiny_cubes), features="full", dtype="float16")
+    samples = ds.__getitems__([4, 1, 4])
+    batch = collate(samples)
+    assert batch["features"].shape == (3, 8, 24, 24, 1408)
+    assert batch["features"].data_ptr() == samples[0]["features"].data_ptr()  # no stacking
+    assert batch["image"].tolist() == [4, 1, 4]
+    for j, i in enumerate([4, 1, 4]):
+        assert torch.equal(batch["features"][j], ds[i]["features"])
+    # samples not from one read are stacked as default_collate does
+    mixed = collate([ds[2], ds[0]])
+    assert torch.equal(mixed["features"][1], ds[0]["features"])
+    assert mixed["features"].data_ptr() != ds[2]["features"].data_ptr()
+
+
+def test_threaded_loader_and_iterable_batches(tiny_cubes):
+    ds = CubeDataset(str(tiny_cubes), features="frame", frame=4, dtype="float16")
+    g = torch.Generator().manual_seed(1)
+    loader = make_loader(ds, batch_size=4, threads=2, shuffle=True, generator=g)
+    assert isinstance(loader, ThreadedLoader) and len(loader) == 2
+    batches = list(loader)
+    assert _ids(batches) == list(range(len(ds)))
+    for b in batches:
+        for img, feats in zip(b["image"], b["features"], strict=True):
+            assert torch.equal(feats, ds[int(img)]["features"])
+    with pytest.raises(ValueError, match="threads need a map-style CubeDataset"):
+        make_loader(ds, threads=2, num_workers=2)
+    it = CubeIterableDataset(str(tiny_cubes), features="pooled", batch_size=4, shuffle=True,
+                             seed=2)
+    got = list(make_loader(it, num_workers=2))  # the dataset batches; workers split blocks
+    assert [len(b["image"]) for b in got] in ([4, 2], [2, 4], [3, 3])
+    assert _ids(got) == list(range(len(ds)))
 
 
 def test_dataset_pickles_without_handles(tiny_cubes):
