@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import signal
 import subprocess
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ import requests
 import xarray as xr
 from PIL import Image
 
-from server.launch import make_config, write_config, xcube_command
+from server.launch import free_port, make_config, running, write_config
 
 TIMEOUT = 60
 PREFIX = "/deepearth/wmts"
@@ -49,54 +47,15 @@ EMPTY_TILES = {"WorldCRS84Quad": [(3, 1, 12), (0, 0, 1), (7, 0, 0)],
 
 
 # -- a real xcube serve --------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
-def xcube_serve(config: dict, workdir: Path, env: dict | None = None,
-                timeout: float = 120.0) -> Iterator[str]:
+def xcube_serve(config: dict, workdir: Path, env: dict | None = None) -> Iterator[str]:
     """``xcube serve -c`` on a free loopback port until the block ends; yields the base URL."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    config = {**config, "port": port, "address": "127.0.0.1"}
-    path = write_config(config, workdir / "config.yml")
-    log_path = workdir / "xcube-serve.log"
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [*xcube_command(), "serve", "-c", str(path), "--port", str(port),
-             "--address", "127.0.0.1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **(env or {})})
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"xcube serve exited with {proc.returncode}:\n"
-                                   f"{log_path.read_text(errors='replace')[-4000:]}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(url + PREFIX, timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"xcube serve not ready after {timeout} s:\n"
-                                   f"{log_path.read_text(errors='replace')[-4000:]}")
-            time.sleep(0.25)
+    port = free_port()
+    path = write_config({**config, "port": port, "address": "127.0.0.1"},
+                        workdir / "config.yml")
+    with running(path, port, workdir / "xcube-serve.log", env=env) as url:
         yield url
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
 
 
 @dataclass
