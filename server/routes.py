@@ -108,13 +108,11 @@ class Handler(ApiHandler[DeepEarthContext]):
         return self.request.query
 
     def _finish(self, data: bytes, content_type: str, status: int = 200,
-                headers: dict[str, str] | None = None, prefix: bytes | None = None) -> None:
+                headers: dict[str, str] | None = None) -> None:
         self.response.set_status(status)
         self.response.set_header("Content-Type", content_type)
         for k, v in (headers or {}).items():
             self.response.set_header(k, v)
-        if prefix:
-            self.response.write(prefix)
         self.response.finish(data)
 
     def send_json(self, obj: Any, content_type: str = "application/json",
@@ -137,11 +135,13 @@ class Handler(ApiHandler[DeepEarthContext]):
             "Access-Control-Expose-Headers": "X-DeepEarth-Dtype, X-DeepEarth-Shape, "
                                              "X-DeepEarth-Byte-Order",
         }
-        data = await self.ctx.run(np.ascontiguousarray(arr).tobytes)  # one copy, off-loop
         if fmt == "npy":
             headers["Content-Disposition"] = f'attachment; filename="{name}.npy"'
-            self._finish(data, "application/x-npy", headers=headers, prefix=npy_header(arr))
+            # one bytes object built off the loop: tornado sends a single chunk uncopied
+            data = await self.ctx.run(lambda: npy_header(arr) + arr.tobytes())
+            self._finish(data, "application/x-npy", headers=headers)
         else:
+            data = await self.ctx.run(np.ascontiguousarray(arr).tobytes)
             headers["Content-Disposition"] = f'attachment; filename="{name}.bin"'
             self._finish(data, "application/octet-stream", headers=headers)
 
