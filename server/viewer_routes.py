@@ -1,11 +1,14 @@
 """The ``deepearth-viewer`` xcube API: what the customised viewer needs from the server.
 
-* its context adds every observation as the ``observations`` place group of each
-  configured dataset (in memory, from the cube set the ``deepearth`` API opened), so the
-  viewer shows them as selectable points and the panels read the gbif_id from the place id;
+* its context adds the observations (all, and those with photo embeddings) as place
+  groups of each configured dataset (in memory, from the cube set the ``deepearth`` API
+  opened), so the viewer shows them as selectable points and the panels read the gbif_id
+  from the place id;
 * ``/explore/``: static pages from ``server/static/viewer``: a landing page with links and
   the 3-D embedding space (``embedding-space.html``);
-* ``/explore/lib/``: ``plotly.min.js`` from the ``plotly`` package, for that page.
+* ``/explore/lib/``: ``plotly.min.js`` from the ``plotly`` package, for that page;
+* ``/explore/observations/{z}/{x}/{y}``: XYZ tiles of the observations in their species'
+  cluster colours (the viewer's ``observations`` overlay, named in ``viewer/config.json``).
 
 The prefix does not start with ``/deepearth``: that API answers every path starting so.
 """
@@ -14,17 +17,21 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from xcube.constants import LOG
-from xcube.server.api import Api, ApiContext, Context
+from xcube.server.api import Api, ApiContext, ApiHandler, Context
 
-from .viewer_setup import observation_place_group
+from .viewer_setup import PointTiles, observation_place_group, vision_place_group
 
 API_NAME = "deepearth-viewer"
 URL_PREFIX = "/explore"
 PAGES_DIR = Path(__file__).resolve().parent / "static" / "viewer"
+MAX_ZOOM = 22
+TILE_CACHE = 2048  # PNG tiles kept (a few MB)
 
 def _dataset_ids(config) -> list[str]:
     """Identifiers of the datasets configured directly or in data stores."""
@@ -35,13 +42,32 @@ def _dataset_ids(config) -> list[str]:
     return ids
 
 
+def _warm_up(deepearth) -> None:
+    """Read what the first panel callbacks need (they run on the IO loop) in the background:
+    the pooled vectors' unit rows for similarity, the species and vision projections."""
+    from cube_gen import analysis
+
+    from .service import Filters
+
+    try:
+        svc = deepearth.service
+        analysis.pooled_unit(svc.cs)
+        svc.species_umap()
+        svc.vision_umap_cached(Filters(), int(svc.settings.get("MaxUmapPoints", 5000)))
+    except Exception as exc:  # noqa: BLE001 - only a warm-up: the panels compute on demand
+        LOG.info(f"DeepEarth viewer: warm-up skipped ({type(exc).__name__}: {exc})")
+
+
 class ViewerSupportContext(ApiContext):
     """Adds the observations place group to the places context when the server starts."""
 
     def __init__(self, server_ctx: Context):
         super().__init__(server_ctx)
-        self.place_group: dict[str, Any] | None = None
+        self.place_groups: list[dict[str, Any]] = []
+        self.tiles: PointTiles | None = None
         self.error: str | None = None
+        self._pngs: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
 
     def on_update(self, prev_context: Context | None):
         deepearth = self.get_api_ctx("deepearth")
@@ -51,14 +77,34 @@ class ViewerSupportContext(ApiContext):
             return
         try:
             cs = deepearth.service.cs
-            self.place_group = observation_place_group(cs)
+            self.place_groups = [observation_place_group(cs), vision_place_group(cs)]
+            self.tiles = PointTiles.of(cs)
         except Exception as exc:  # noqa: BLE001 - the viewer still works without the points
             self.error = f"{type(exc).__name__}: {exc}"
             LOG.warning(f"DeepEarth viewer: no observations place group ({self.error})")
             return
-        places.add_place_group(self.place_group, qualifiers=ids)
-        LOG.info(f"DeepEarth viewer: {len(self.place_group['features'])} observations as "
-                 f"place group {self.place_group['id']!r} of {', '.join(ids)}")
+        threading.Thread(target=_warm_up, args=(deepearth,), daemon=True,
+                         name="deepearth-viewer-warm-up").start()
+        for group in self.place_groups:
+            places.add_place_group(group, qualifiers=ids)
+            LOG.info(f"DeepEarth viewer: place group {group['id']!r} "
+                     f"({len(group['features'])} observations) of {', '.join(ids)}")
+
+
+    def tile_png(self, z: int, x: int, y: int) -> bytes:
+        """The observations tile (z, x, y) as PNG (cached; empty without a cube set)."""
+        key = (z, x, y)
+        with self._lock:
+            if key in self._pngs:
+                self._pngs.move_to_end(key)
+                return self._pngs[key]
+        tiles = self.tiles or PointTiles([], [], [])
+        png = tiles.png(z, x, y)
+        with self._lock:
+            self._pngs[key] = png
+            while len(self._pngs) > TILE_CACHE:
+                self._pngs.popitem(last=False)
+        return png
 
 
 api = Api(
@@ -85,3 +131,26 @@ def _plotly_dir() -> str | None:
                   summary="DeepEarth pages: links, 3-D embedding space")
 def _pages_dir() -> str | None:
     return str(PAGES_DIR) if PAGES_DIR.is_dir() else None
+
+
+@api.route(URL_PREFIX + "/observations/{z}/{x}/{y}")
+class ObservationTilesHandler(ApiHandler[ViewerSupportContext]):
+    @api.operation(operation_id="deepearthObservationTile",
+                   summary="Observations as coloured dots on an XYZ Web Mercator tile (PNG)")
+    async def get(self, z: str, x: str, y: str):
+        try:
+            zi, xi, yi = int(z), int(x), int(y)
+            if not (0 <= zi <= MAX_ZOOM and 0 <= xi < (1 << zi) and 0 <= yi < (1 << zi)):
+                raise ValueError
+        except ValueError:
+            self.response.set_status(400)
+            self.response.set_header("Content-Type", "application/json")
+            self.response.finish(b'{"error": {"status_code": 400, "message": "expected '
+                                 b'/explore/observations/{z}/{x}/{y} with 0 <= z <= 22 and '
+                                 b'0 <= x, y < 2**z"}}')
+            return
+        png = await self.ctx.run_in_executor(None, self.ctx.tile_png, zi, xi, yi)
+        self.response.set_header("Content-Type", "image/png")
+        self.response.set_header("Cache-Control", "public, max-age=3600")
+        self.response.finish(png)
+

@@ -108,16 +108,52 @@ def test_observation_features_are_every_observation(cs):
     json.dumps(features)  # JSON-ready
 
 
-def test_place_group_reaches_the_datasets_api(xserver, cs):
-    datasets = xserver.ctx.get_api_ctx("datasets")
-    groups = datasets.get_dataset_place_groups("grid", "http://localhost")
-    (group,) = [g for g in groups if g["id"] == V.PLACE_GROUP_ID]
-    assert len(group["features"]) == 240
-    assert group["propertyMapping"] == {"label": "label", "color": "color"}
+def test_place_groups_reach_the_datasets_api(xserver, cs):
     from xcube.webapi.datasets.controllers import get_dataset_place_group
 
+    datasets = xserver.ctx.get_api_ctx("datasets")
+    groups = {g["id"]: g for g in datasets.get_dataset_place_groups("grid", "http://localhost")}
+    assert set(groups) >= {V.PLACE_GROUP_ID, V.VISION_PLACE_GROUP_ID}
+    assert groups[V.PLACE_GROUP_ID]["propertyMapping"] == {"label": "label", "color": "color"}
     served = get_dataset_place_group(datasets, "grid", V.PLACE_GROUP_ID, "http://localhost")
     assert len(served["features"]) == 240 and "sourcePaths" not in served
+    served = get_dataset_place_group(datasets, "grid", V.VISION_PLACE_GROUP_ID,
+                                     "http://localhost")
+    with_vision = cs.observations.gbif_id.values[cs.observations.has_vision.values]
+    assert sorted(f["properties"]["gbif_id"] for f in served["features"]) == \
+        sorted(with_vision.tolist())
+
+
+def _tile_of(lon: float, lat: float, z: int) -> tuple[int, int, float, float]:
+    """XYZ tile of a position and the position's pixel inside it (Web Mercator)."""
+    n = 2 ** z
+    u = (lon + 180) / 360 * n
+    r = np.radians(lat)
+    v = (1 - np.log(np.tan(r) + 1 / np.cos(r)) / np.pi) / 2 * n
+    return int(u), int(v), (u - int(u)) * 256, (v - int(v)) * 256
+
+
+def test_point_tiles_draw_observations_in_cluster_colours(cs):
+    import io
+
+    from PIL import Image
+
+    tiles = V.PointTiles.of(cs)
+    rec = cs.observation(_with_vision(cs))
+    z = 14
+    x, y, px, py = _tile_of(rec["lon"], rec["lat"], z)
+    assert len(tiles.points_in(z, x, y)) >= 1
+    rgba = np.asarray(Image.open(io.BytesIO(tiles.png(z, x, y))).convert("RGBA"))
+    assert rgba.shape == (256, 256, 4)
+    centre = rgba[int(py), int(px)]
+    want = cs.species_table().cluster_color[rec["species_index"]].lstrip("#")
+    assert centre[3] == 255
+    assert np.abs(centre[:3].astype(int) - [int(want[i:i + 2], 16) for i in (0, 2, 4)]).max() \
+        <= 40  # the dot's colour (resampling blends its dark outline a little)
+    assert rgba[..., 3].sum() > 0
+    # a tile without observations is transparent
+    empty = np.asarray(Image.open(io.BytesIO(tiles.png(z, 0, 0))).convert("RGBA"))
+    assert empty[..., 3].max() == 0
 
 
 # -- observation panel ---------------------------------------------------------------------
@@ -309,8 +345,8 @@ def test_region_panel_numbers_are_the_region_statistics(ctx, cs, geometry, time_
         geometry = {"type": "Point", "coordinates": [rec["lon"], rec["lat"]]}
     time_label = "2019-01-01T00:00:00Z"
     summary, species, years, months = region.update_region(ctx, geometry, None, time_label,
-                                                           5.0, time_mode, split)
-    f, _, _ = region.region_filters(geometry, time_label, 5.0, time_mode, split)
+                                                           5000, time_mode, split)
+    f, _, _ = region.region_filters(geometry, time_label, 5000, time_mode, split)
     want = analysis.region_statistics(cs, Query.make(bbox=f.bbox, start=f.start, end=f.end,
                                                      split=f.split))
     nums = _summary_numbers(summary)
@@ -339,9 +375,9 @@ def test_region_panel_numbers_are_the_region_statistics(ctx, cs, geometry, time_
 
 def test_region_panel_uses_the_shared_service_cache(ctx):
     svc = ctx.get_api_ctx("deepearth").service
-    region.update_region(ctx, None, None, None, 2.0, "all", "train")
+    region.update_region(ctx, None, None, None, 2000, "all", "train")
     hits = svc.cache.stats()["hits"]
-    region.update_region(ctx, None, None, None, 2.0, "all", "train")
+    region.update_region(ctx, None, None, None, 2000, "all", "train")
     assert svc.cache.stats()["hits"] > hits
 
 

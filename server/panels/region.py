@@ -23,8 +23,10 @@ from .common import COLUMN, ROW, api_url, fmt, guarded, md_escape, service
 
 panel = Panel(__name__, title="Region statistics", icon="bar_chart", position=7)
 
-RADII_KM = [(0.5, "± 0.5 km"), (1.0, "± 1 km"), (2.0, "± 2 km"), (5.0, "± 5 km"),
-            (10.0, "± 10 km")]
+# metres: chartlets' Select turns a numeric choice into an integer (parseInt)
+RADII_M = [(500, "± 0.5 km"), (1000, "± 1 km"), (2000, "± 2 km"), (5000, "± 5 km"),
+           (10000, "± 10 km")]
+DEFAULT_RADIUS_M = 2000
 TIMES = [("all", "All years"), ("year", "Year of the time slider")]
 SPLITS = [("all", "All observations"), ("train", "train (2010–2024)"),
           ("temporal_test", "temporal_test (2025)")]
@@ -42,7 +44,7 @@ COUNT_AXIS = alt.Axis(format="d", tickMinStep=1)
 def render_panel(ctx, geometry: dict | None = None, place_id: str | None = None,
                  time_label: str | None = None) -> Component:
     controls = Box(style=ROW, children=[
-        Select(id="reg_radius", label="Around a point", value=2.0, options=RADII_KM,
+        Select(id="reg_radius", label="Around a point", value=DEFAULT_RADIUS_M, options=RADII_M,
                style={"minWidth": 130}),
         Select(id="reg_time", label="Time", value="all", options=TIMES,
                style={"minWidth": 190}),
@@ -50,7 +52,7 @@ def render_panel(ctx, geometry: dict | None = None, place_id: str | None = None,
                style={"minWidth": 170}),
     ])
     summary, species, years, months = update_region(ctx, geometry, place_id, time_label,
-                                                     2.0, "all", "all")
+                                                     DEFAULT_RADIUS_M, "all", "all")
     chart_style = {"width": "100%"}
     return Box(style={**COLUMN, "padding": "8px"}, children=[
         controls,
@@ -112,10 +114,10 @@ def year_range(time_label: str | None) -> tuple[pd.Timestamp, pd.Timestamp] | No
     return start, pd.Timestamp(year=t.year + 1, month=1, day=1) - pd.Timedelta(1, "ns")
 
 
-def region_filters(geometry: Any, time_label: str | None, radius_km: float, time_mode: str,
+def region_filters(geometry: Any, time_label: str | None, radius_m: float, time_mode: str,
                    split: str) -> tuple[Filters, str, str]:
-    """``(filters, region description, time description)``."""
-    bbox, where = region_bbox(geometry, float(radius_km or 2.0))
+    """``(filters, region description, time description)``; ``radius_m`` around a point."""
+    bbox, where = region_bbox(geometry, float(radius_m or DEFAULT_RADIUS_M) / 1000)
     start = end = None
     when = "all years"
     if time_mode == "year":
@@ -235,12 +237,12 @@ def _error_outputs(text: str):
 )
 @guarded(_error_outputs)
 def update_region(ctx, geometry: dict | None = None, place_id: str | None = None,
-                  time_label: str | None = None, radius_km: float | None = 2.0,
+                  time_label: str | None = None, radius_m: int | None = DEFAULT_RADIUS_M,
                   time_mode: str | None = "all", split: str | None = "all",
                   ) -> tuple[str, alt.Chart, alt.Chart, alt.Chart]:
     """Summary and charts of the region statistics for the current selection."""
-    f, where, when = region_filters(geometry, time_label, radius_km or 2.0, time_mode or "all",
-                                    split or "all")
+    f, where, when = region_filters(geometry, time_label, radius_m or DEFAULT_RADIUS_M,
+                                    time_mode or "all", split or "all")
     stats = service(ctx).region_stats(f)
     return (summary_text(ctx, stats, where, when, f), species_chart(stats), years_chart(stats),
             months_chart(stats))
