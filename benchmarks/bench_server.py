@@ -201,11 +201,13 @@ def main(argv: list[str] | None = None) -> str:
         health = session.get(f"{api}/health").json()
 
     r1, r8 = statistics.median(one), statistics.median(eight)
+    load = os.getloadavg()[0]
     lines = [
         f"{n} embeddings, {len(cs.species_table())} species, "
         f"{cs.observations.sizes['obs']} observations (synthetic); xcube serve on loopback, "
         f"{os.cpu_count()} cores shared by server and clients; medians of {args.repeats} "
-        f"requests (throughput: 3 windows of {args.seconds:g} s).",
+        f"requests (throughput: 3 windows of {args.seconds:g} s); load average at the end "
+        f"{load:.1f} (other work on the machine makes every number noisier).",
         "",
         "| measurement | over HTTP (ms) | baseline (ms) | HTTP / baseline | baseline |",
         "| --- | --- | --- | --- | --- |",
