@@ -689,6 +689,7 @@ class WmtsContext(ApiContext):
         super().__init__(server_ctx)
         self._layers: dict[str, Layer] | None = None
         self._lock = threading.Lock()
+        self._capabilities: dict[tuple, bytes] = {}  # (urls, time) -> XML
         self.tile_cache = ByteLRU(TILE_CACHE_BYTES)
         self.executor = concurrent.futures.ThreadPoolExecutor(
             MAX_WORKERS, thread_name_prefix="deepearth-wmts")
@@ -710,6 +711,9 @@ class WmtsContext(ApiContext):
                                                "server", status=503)
         return ctx
 
+    async def get_layers(self) -> dict[str, Layer]:
+        return self._layers if self._layers is not None else await self.run(self.layers)
+
     def layers(self) -> dict[str, Layer]:
         if self._layers is None:
             with self._lock:
@@ -728,13 +732,21 @@ class WmtsContext(ApiContext):
 
     # Work done on the executor threads -------------------------------------------------
     def capabilities(self, urls: ServiceUrls, time: str | None) -> bytes:
-        layers = self.layers()
-        pinned = None
-        if time is not None and time.strip():
-            pinned = {lid: layer.time.resolve(time) for lid, layer in layers.items()
-                      if layer.time is not None}
-        provider = _plain(self.config.get("ServiceProvider")) or {}
-        return capabilities_xml(layers, urls, pinned, provider)
+        time = time.strip() if time and time.strip() else None
+        key = (urls, time)
+        xml = self._capabilities.get(key)
+        if xml is None:
+            layers = self.layers()
+            pinned = None
+            if time is not None:
+                pinned = {lid: layer.time.resolve(time) for lid, layer in layers.items()
+                          if layer.time is not None}
+            provider = _plain(self.config.get("ServiceProvider")) or {}
+            xml = capabilities_xml(layers, urls, pinned, provider)
+            if len(self._capabilities) >= 64:  # base URLs x pinned times: keep it small
+                self._capabilities.clear()
+            self._capabilities[key] = xml
+        return xml
 
     def tile(self, req: TileRequest) -> bytes:
         return self.tile_cache.get_or_compute(
@@ -893,7 +905,7 @@ class WmtsKvpHandler(_WmtsHandler):
                 version = q.get("version")
                 if version is not None and version != WMTS_VERSION:
                     raise invalid("VERSION", f"VERSION={version!r}; use {WMTS_VERSION}")
-                layers = await self.ctx.run(self.ctx.layers)
+                layers = await self.ctx.get_layers()
                 tile = parse_tile_request(
                     layers, q.get("layer"), q.get("style"), q.get("tilematrixset"),
                     q.get("tilematrix"), q.get("tilerow"), q.get("tilecol"), q.get("time"),
@@ -945,7 +957,7 @@ class WmtsRestTileHandler(_WmtsHandler):
             else:
                 layer_id, style, tms_id, z, y, xpng = parts
                 time = None
-            layers = await self.ctx.run(self.ctx.layers)
+            layers = await self.ctx.get_layers()
             tile = parse_tile_request(layers, layer_id, style, tms_id, z, y, xpng[:-4], time,
                                       PNG, names)
             await self._tile(tile)
