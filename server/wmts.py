@@ -1,6 +1,6 @@
 """OGC WMTS 1.0.0 for the grid layers: the ``deepearth-wmts`` xcube server API.
 
-xcube's own WMTS (``/wmts/...``) does not suit this project's layers (see docs/DESIGN.md):
+xcube's own WMTS (``/wmts/...``) does not suit this project's layers (verified in xcube 1.14):
 colours are scaled to [0, 1] unless a client passes ``vmin``/``vmax``, which WMTS clients
 never do; the REST template has no ``{Time}``; a request without a time gets the first
 step although the capabilities advertise "current". This API serves its own WMTS for the
