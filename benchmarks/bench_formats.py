@@ -103,9 +103,11 @@ class Ours:
     def get(self, key):
         return self.cs.features(self.cs.image_position(*key))
 
-    def get_batch(self, keys):
+    batch_into = True
+
+    def get_batch(self, keys, out=None):
         pos = self.cs.image_positions([k[0] for k in keys], [k[1] for k in keys])
-        return self.cs.features_batch(pos)
+        return self.cs.features_batch(pos, out=out)
 
     def data_files(self):
         n = self.cs._features_array().shape[0]
@@ -121,6 +123,7 @@ class ZarrPython(Ours):
     """The same cube read with zarr-python (``zarr.open_array(...)[i]``): the generic path."""
 
     name = "same cube via zarr-python array[i]"
+    batch_into = False
 
     def __init__(self, url: str):
         super().__init__(url)
@@ -143,6 +146,7 @@ class XarrayDask(Ours):
     """The same cube through ``xarray.open_zarr`` (dask): what a notebook user writes."""
 
     name = "same cube via xarray.open_zarr .isel(image=i).values"
+    batch_into = False
 
     def __init__(self, url: str):
         super().__init__(url)
@@ -170,16 +174,9 @@ def evict_all(stores) -> None:
 
 
 def single_reads(stores, keys, reps: int, cold_reps: int, rng, check_files) -> dict:
-    """Medians of one read: warm (steady state), first (warm page cache, no maps), cold."""
+    """Medians of one read: warm (steady state) and cold."""
     sample = [keys[i] for i in rng.choice(len(keys), size=max(reps, cold_reps), replace=True)]
-    # first read in a process: page cache warm, nothing mapped yet
     warm(check_files)
-    first_t = {s.name: [] for s in stores}
-    for key in sample[:reps]:
-        for s in stores:
-            s.unmap()
-            gc.collect()
-            first_t[s.name].append(timed(lambda s=s, key=key: s.get(key)))
     # steady state: two passes establish every store's maps, then interleaved reads
     for s in stores:
         for _ in range(2):
@@ -198,30 +195,40 @@ def single_reads(stores, keys, reps: int, cold_reps: int, rng, check_files) -> d
             cold_t[s.name].append(timed(lambda s=s, key=key: s.get(key)))
     res = [r for r in residency if r is not None]
     return {"warm": {k: median_ms(v) for k, v in warm_t.items()},
-            "first": {k: median_ms(v) for k, v in first_t.items()},
             "cold": {k: median_ms(v) for k, v in cold_t.items()} if cold_reps else {},
             "residency": max(res) if res else None}
 
 
 def batch_reads(stores, keys, n: int, reps: int, cold_reps: int, rng) -> dict:
-    out = {"warm": {}, "cold": {}}
-    batches = [[keys[i] for i in rng.choice(len(keys), size=min(n, len(keys)), replace=False)]
-               for _ in range(max(reps, cold_reps))]
+    """Per-embedding cost of a batch: into a new array, into a reused one, and cold.
+
+    Rounds are interleaved across stores, after a throwaway round (the first large
+    allocations of a process are the slowest).
+    """
+    size = min(n, len(keys))
+    batches = [[keys[i] for i in rng.choice(len(keys), size=size, replace=False)]
+               for _ in range(max(reps, cold_reps) + 1)]
+    times = {m: {s.name: [] for s in stores} for m in ("warm", "into", "cold")}
+    for r, b in enumerate(batches[:reps + 1]):
+        for s in stores:
+            dt = timed(lambda s=s, b=b: s.get_batch(b))
+            gc.collect()
+            if r:  # round 0 is the throwaway
+                times["warm"][s.name].append(dt)
     for s in stores:
-        s.get_batch(batches[0][:4])  # first-call setup outside the clock
-        ts = []
-        for b in batches[:reps]:
-            ts.append(timed(lambda s=s, b=b: s.get_batch(b)))
+        if getattr(s, "batch_into", False):
+            buf = np.empty((size, 8, 24, 24, 1408), s.dtype)
+            s.get_batch(batches[0], out=buf)  # touch the buffer's pages once
+            for b in batches[1:reps + 1]:
+                times["into"][s.name].append(timed(lambda s=s, b=b, buf=buf: s.get_batch(b, out=buf)))
+            del buf
             gc.collect()
-        out["warm"][s.name] = median_ms(ts) / len(batches[0])
-        ts = []
-        for b in batches[:cold_reps]:
+    for b in batches[1:cold_reps + 1]:
+        for s in stores:
             evict_all(stores)
-            ts.append(timed(lambda s=s, b=b: s.get_batch(b)))
+            times["cold"][s.name].append(timed(lambda s=s, b=b: s.get_batch(b)))
             gc.collect()
-        if ts:
-            out["cold"][s.name] = median_ms(ts) / len(batches[0])
-    return out
+    return {m: {k: median_ms(v) / size for k, v in d.items() if v} for m, d in times.items()}
 
 
 def loader_rates(url: str, floor: Float16Memmap, min_seconds: float, quick: bool) -> list:
@@ -315,37 +322,43 @@ def report(args, paths, stores, single, batch, loaders, eviction, n_keys) -> str
     lines.append("")
     lines.append(f"Medians of {args.reps} reads per store. warm: page cache warm, steady "
                  "state (every store's memory maps established by two earlier passes; reads "
-                 "interleaved across stores). first: page cache warm, but the first read in "
-                 "the process (no maps yet: the floor maps its file, the cube reads with "
-                 f"preadv). cold: {args.cold_reps} reads, the data files evicted before each. "
+                 "interleaved across stores). "
+                 f"cold: {args.cold_reps} reads, the data files evicted before each. "
                  "x floor: time / floor time (target for the cube: <= 1.5x warm); "
                  "parquet / store: parquet time / store time (target >= 50x).")
     lines.append("")
     rows = []
     for s in stores:
-        w, f1 = single["warm"][s.name], single["first"][s.name]
+        w = single["warm"][s.name]
         c = single["cold"].get(s.name)
-        wf, ff, cf = single["warm"][floor], single["first"][floor], single["cold"].get(floor)
-        wp, fp, cp = single["warm"][parquet], single["first"][parquet], single["cold"].get(parquet)
+        wf, cf = single["warm"][floor], single["cold"].get(floor)
+        wp, cp = single["warm"][parquet], single["cold"].get(parquet)
         rows.append((s.name, str(s.dtype), fmt_ms(w), fmt_ratio(w / wf), fmt_ratio(wp / w),
-                     fmt_ms(f1), fmt_ratio(f1 / ff), fmt_ratio(fp / f1),
                      fmt_ms(c), fmt_ratio(c / cf) if c and cf else "n/a",
                      fmt_ratio(cp / c) if c and cp else "n/a"))
     lines.append(md_table(["store", "dtype", "warm ms", "x floor", "parquet / store",
-                           "first ms", "x floor", "parquet / store", "cold ms", "x floor",
-                           "parquet / store"], rows))
+                           "cold ms", "x floor", "parquet / store"], rows))
     lines.append("")
     lines.append(f"## Batch of {min(100, n_keys)} random embeddings (ms per embedding)")
+    lines.append("")
+    lines.append("warm: into a new (100, 8, 24, 24, 1408) array, as the APIs return it (on "
+                 "this VM first-touching that 1.3 GB, 2.6 GB for float32, costs more than "
+                 "reading it); into out: into a reused array (`features_batch(..., out=)`), "
+                 "the read cost alone; cold: into a new array, data files evicted first.")
     lines.append("")
     rows = []
     for s in stores:
         w = batch["warm"][s.name]
+        i = batch["into"].get(s.name)
         c = batch["cold"].get(s.name)
         rows.append((s.name, fmt_ms(w), fmt_ratio(w / batch["warm"][floor]),
-                     fmt_ratio(batch["warm"][parquet] / w), fmt_ms(c),
+                     fmt_ratio(batch["warm"][parquet] / w), fmt_ms(i),
+                     fmt_ratio(i / batch["into"][floor]) if i else "n/a",
+                     fmt_ratio(batch["into"][parquet] / i) if i else "n/a", fmt_ms(c),
                      fmt_ratio(c / batch["cold"][floor]) if c else "n/a",
                      fmt_ratio(batch["cold"][parquet] / c) if c else "n/a"))
-    lines.append(md_table(["store", "warm ms/emb", "x floor", "parquet / store", "cold ms/emb",
+    lines.append(md_table(["store", "warm ms/emb", "x floor", "parquet / store",
+                           "into out ms/emb", "x floor", "parquet / store", "cold ms/emb",
                            "x floor", "parquet / store"], rows))
     lines.append("")
     if loaders:
@@ -362,10 +375,6 @@ def report(args, paths, stores, single, batch, loaders, eviction, n_keys) -> str
                  f"(target <= 1.5x): {'met' if w_ratio <= 1.5 else 'MISSED'}")
     lines.append(f"- single embedding, warm: {p_ratio:.0f}x faster than the parquet source "
                  f"(target >= 50x): {'met' if p_ratio >= 50 else 'MISSED'}")
-    f_ratio = single["first"][ours] / single["first"][floor]
-    lines.append(f"- single embedding, first read in a process (warm page cache): {f_ratio:.2f}x "
-                 f"the floor, {single['first'][parquet] / single['first'][ours]:.0f}x faster "
-                 "than parquet")
     if single["cold"]:
         cw = single["cold"][ours] / single["cold"][floor]
         cp = single["cold"][parquet] / single["cold"][ours]

@@ -78,8 +78,11 @@ class ParquetSource:
         return col[r - int(starts[rg])].values.to_numpy(zero_copy_only=False).reshape(
             L.VISION_SHAPE)
 
-    def get_batch(self, keys: Sequence[Key]) -> np.ndarray:
-        out = np.empty((len(keys), *L.VISION_SHAPE), self.dtype)
+    batch_into = True
+
+    def get_batch(self, keys: Sequence[Key], out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            out = np.empty((len(keys), *L.VISION_SHAPE), self.dtype)
         by_file: dict[int, list[int]] = {}
         for k, key in enumerate(keys):
             by_file.setdefault(self.where[key][0], []).append(k)
@@ -180,8 +183,11 @@ class RawFloat32Sqlite(_RawRecords):
     def get(self, key: Key) -> np.ndarray:
         return np.array(self.mm[self._offset(key) // self.record])
 
-    def get_batch(self, keys: Sequence[Key]) -> np.ndarray:
-        out = np.empty((len(keys), *L.VISION_SHAPE), self.dtype)
+    batch_into = True
+
+    def get_batch(self, keys: Sequence[Key], out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            out = np.empty((len(keys), *L.VISION_SHAPE), self.dtype)
         mm = self.mm
         for k, key in enumerate(keys):
             out[k] = mm[self._offset(key) // self.record]
@@ -214,5 +220,10 @@ class Float16Memmap(_RawRecords):
     def get(self, key: Key) -> np.ndarray:
         return np.array(self.mm[self.record_of[key]])
 
-    def get_batch(self, keys: Sequence[Key]) -> np.ndarray:
-        return self.mm[[self.record_of[k] for k in keys]]
+    batch_into = True
+
+    def get_batch(self, keys: Sequence[Key], out: np.ndarray | None = None) -> np.ndarray:
+        rows = [self.record_of[k] for k in keys]
+        if out is None:
+            return self.mm[rows]
+        return np.take(self.mm, rows, axis=0, out=out)
