@@ -923,7 +923,10 @@ class WmtsKvpHandler(_WmtsHandler):
 @api.route(URL_PREFIX + "/legend/{layer}.png")
 class WmtsLegendHandler(_WmtsHandler):
     @api.operation(operation_id="getDeepEarthWmtsLegend",
-                   summary="Colour bar of a WMTS layer (its LegendURL)")
+                   summary="Colour bar of a WMTS layer (its LegendURL)",
+                   parameters=[{"name": "layer", "in": "path", "required": True,
+                                "description": "layer identifier, e.g. grid.observation_count",
+                                "schema": {"type": "string"}}])
     async def get(self, layer: str):
         async def work():
             png = await self.ctx.run(self.ctx.legend, layer)
@@ -941,7 +944,11 @@ class WmtsRestTileHandler(_WmtsHandler):
     @api.operation(operation_id="getDeepEarthWmtsTile",
                    summary="WMTS tile (RESTful): {layer}/{style}/{Time}/{TileMatrixSet}/"
                            "{TileMatrix}/{TileRow}/{TileCol}.png; Time 'default' is the "
-                           "advertised default (latest)")
+                           "advertised default (latest)",
+                   parameters=[{"name": "*path", "in": "path", "required": True,
+                                "description": "{layer}/{style}/{Time}/{TileMatrixSet}/"
+                                               "{TileMatrix}/{TileRow}/{TileCol}.png",
+                                "schema": {"type": "string"}}])
     async def get(self, path: str = ""):
         async def work():
             parts = [p for p in path.split("/") if p]
