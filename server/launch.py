@@ -164,6 +164,9 @@ def make_config(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
         section["StorageOptions"] = storage_options
     section.update(plugin or {})
     config: dict[str, Any] = {"port": int(port), "address": address}
+    # xcube's own /wmts scales colours to [0, 1] and serves the first time step when a
+    # client sends none; the plugin's /deepearth/wmts replaces it.
+    config["api_spec"] = {"excludes": ["ows.wmts"]}
     if "dataset" in location:
         config["Datasets"] = [{**common, **location["dataset"]}]
     else:
