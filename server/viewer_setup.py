@@ -67,7 +67,12 @@ def viewer_static_routes(repo_root: Path = REPO_ROOT) -> list[dict[str, Any]]:
     viewer = Path(repo_root) / "viewer"
     if not (viewer / "config.json").is_file():
         return []
-    dist = prepare_viewer_dist(viewer)
+    try:
+        dist = prepare_viewer_dist(viewer)
+    except OSError as exc:  # e.g. a read-only checkout: xcube's own viewer still works
+        LOG.warning("DeepEarth viewer: cannot prepare %s (%s); serving xcube's bundled "
+                    "viewer with its own privacy note", viewer / DIST_FOLDER, exc)
+        return []
     if dist is None:
         return []
     return [{"path": "/viewer", "dir_path": str(dist), "default_filename": "index.html"}]
@@ -207,7 +212,17 @@ def prepare_viewer_dist(viewer: Path, bundle: Path | None = None) -> Path | None
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _prune(root, keep=target)
     return target
+
+
+def _prune(root: Path, keep: Path, newest: int = 3) -> None:
+    """Remove all but the ``newest`` prepared copies (best effort: a server still running
+    from an older copy keeps its files open, and an unchanged setup never builds anew)."""
+    copies = sorted((p for p in root.glob("viewer-*") if p.is_dir() and p != keep),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in copies[newest - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- the observations place group ----------------------------------------------------------

@@ -445,6 +445,21 @@ def test_prepare_viewer_dist_lays_our_files_over_a_copy(tmp_path):
     again = V.prepare_viewer_dist(viewer, bundle)
     assert again != dist and (again / "docs" / "privacy-note.en.md").read_text() == "changed"
     assert not [p for p in (viewer / V.DIST_FOLDER).iterdir() if p.name.startswith("tmp-")]
+    # old copies are pruned (the newest three stay)
+    for k in range(4):
+        (overlay / "docs" / "privacy-note.en.md").write_text(f"change {k}")
+        latest = V.prepare_viewer_dist(viewer, bundle)
+    kept = sorted((viewer / V.DIST_FOLDER).glob("viewer-*"))
+    assert len(kept) == 3 and latest in kept
+
+
+def test_unwritable_viewer_folder_falls_back_to_the_bundled_viewer(tmp_path, monkeypatch):
+    monkeypatch.delenv(V.ENV_VIEWER_PATH, raising=False)
+    viewer = tmp_path / "viewer"
+    viewer.mkdir()
+    (viewer / "config.json").write_text("{}")
+    (viewer / V.DIST_FOLDER).write_text("a file where the folder should be")
+    assert V.viewer_static_routes(tmp_path) == []
 
 
 def test_repository_overlay_replaces_the_privacy_note():
