@@ -35,7 +35,7 @@ VIEWS = [("species", "Species: language UMAP"), ("vision", "Photos: vision UMAP"
 COLOR_BY = [("cluster", "Language cluster"), ("species", "Species")]
 AXES = [("x-y", "UMAP 1 / UMAP 2"), ("x-z", "UMAP 1 / UMAP 3"), ("y-z", "UMAP 2 / UMAP 3")]
 SELECTION = "picked"  # the chart's click selection; chartlets reports it as property "picked"
-MAX_VISION_POINTS = 4000  # points drawn in the panel (the 3-D page draws all)
+MAX_VISION_POINTS = 3000  # points drawn in the panel (the 3-D page draws all)
 CHART_HEIGHT = 300
 HINT = "Click points in the chart (shift-click for several) to see what they are."
 
