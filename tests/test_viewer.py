@@ -265,3 +265,27 @@ def test_3d_embedding_page(browser, viewer_url, observation):
         shot(page, "10-3d-vision")
     finally:
         page.close()
+
+
+def test_explore_page_links_resolve(viewer_url):
+    import html.parser
+    from urllib.parse import urljoin
+
+    class Links(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.hrefs: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "a":
+                self.hrefs += [v for k, v in attrs if k == "href"]
+
+    page = f"{viewer_url}/explore/"
+    r = requests.get(page, timeout=60)
+    assert r.status_code == 200 and "DeepEarth Cube" in r.text
+    links = Links()
+    links.feed(r.text)
+    assert len(links.hrefs) >= 5
+    for href in links.hrefs:
+        target = urljoin(page, href)
+        assert requests.get(target, timeout=60).status_code == 200, target
