@@ -226,4 +226,6 @@ class Float16Memmap(_RawRecords):
         rows = [self.record_of[k] for k in keys]
         if out is None:
             return self.mm[rows]
-        return np.take(self.mm, rows, axis=0, out=out)
+        for j, r in enumerate(rows):  # (np.take with out= would buffer through a temporary)
+            out[j] = self.mm[r]
+        return out
