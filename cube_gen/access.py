@@ -564,6 +564,11 @@ def _default_map_budget() -> int:
         return 4 << 30
 
 
+def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What identifies one version of a file: device, inode, size and modification time."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class _FileMaps:
     """An LRU of read-only memory maps of feature files, bounded by their total size.
 
@@ -571,35 +576,55 @@ class _FileMaps:
     whose pages are already mapped is a plain memcpy, about twice as fast as a read
     system call on a warm page cache. Evicted maps are dropped, not closed: a copy in
     progress keeps its map alive until it finishes.
+
+    A map is used only while its file is unchanged (same inode, size and modification
+    time, one ``stat``): touching the pages of a file truncated after it was mapped
+    kills the process with SIGBUS, and a replaced file must be read anew.
     """
 
     def __init__(self, budget: int):
         self.budget = budget
         self.used = 0
-        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+        self._maps: OrderedDict[str, tuple[mmap.mmap, tuple]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, path: str) -> mmap.mmap | None:
+    def get(self, path: str) -> tuple[mmap.mmap, tuple] | None:
+        """``(map, file signature)`` while the file is unchanged, else None."""
         with self._lock:
-            m = self._maps.get(path)
-            if m is not None:
+            item = self._maps.get(path)
+            if item is None:
+                return None
+        try:
+            current = _signature(os.stat(path))
+        except OSError:
+            current = None
+        with self._lock:
+            if current != item[1]:  # changed, truncated or gone: forget the map
+                if self._maps.get(path) is item:
+                    del self._maps[path]
+                    self.used -= len(item[0])
+                return None
+            if path in self._maps:
                 self._maps.move_to_end(path)
-            return m
+            return item
 
     def add(self, path: str, fd: int, size: int) -> None:
         if not 0 < size <= self.budget:
             return
         try:
+            sig = _signature(os.fstat(fd))
+            if sig[2] != size:  # changed while it was read: do not map it
+                return
             m = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         except (OSError, ValueError):  # pragma: no cover - unmappable file: keep reading it
             return
         with self._lock:
             if path in self._maps:
                 return
-            self._maps[path] = m
+            self._maps[path] = (m, sig)
             self.used += size
             while self.used > self.budget and self._maps:
-                _, old = self._maps.popitem(last=False)
+                _, (old, _) = self._maps.popitem(last=False)
                 self.used -= len(old)
 
     def clear(self) -> None:
@@ -634,26 +659,35 @@ class _RawLayout:
         f, slot = divmod(int(image), self.per_file)
         return os.path.join(self.root, *self.key(f).split("/")), slot
 
-    def _shard_index(self, path: str, size: int, read) -> np.ndarray:
-        index = self._index.get(path)
+    def _shard_index(self, path: str, size: int, read, version: tuple = ()) -> np.ndarray:
+        key = (path, *version)  # a rewritten shard has a new index
+        index = self._index.get(key)
         if index is None:
             nbytes = 16 * self.per_file
             at = size - nbytes - 4 if self.index_at_end else 0
             if at < 0:
                 raise CubeError(f"{path}: shard of {size} bytes is too small for its index")
             index = read(at, nbytes).view("<u8").reshape(self.per_file, 2)
-            self._index[path] = index  # a dict store is atomic: no lock needed
+            if len(self._index) > 4096:  # old versions of rewritten shards
+                self._index.clear()
+            self._index[key] = index  # a dict store is atomic: no lock needed
         return index
 
-    def _locate(self, path: str, size: int, items, frame: int | None, read):
+    def _locate(self, path: str, size: int, items, frame: int | None, read,
+                version: tuple = ()):
         """(offset, out) of the items present, sorted by offset, and the missing items' indices."""
         located, missing = [], []
         span = self.item_nbytes if frame is None else self.frame_nbytes
+        if self.per_file == 1 and size != self.item_nbytes:  # one uncompressed image
+            what = "chunk data is truncated" if size < self.item_nbytes else \
+                "chunk file is longer than one image"
+            raise CubeError(f"{path}: {what} ({size} bytes, expected {self.item_nbytes})")
         for k, (slot, out) in enumerate(items):
             if self.per_file == 1:
                 off = 0
             else:
-                off, nbytes = (int(v) for v in self._shard_index(path, size, read)[slot])
+                off, nbytes = (int(v) for v in
+                               self._shard_index(path, size, read, version)[slot])
                 if off == _NO_CHUNK:
                     missing.append(k)
                     continue
@@ -672,12 +706,14 @@ class _RawLayout:
     def read_file(self, path: str, items: list[tuple[int, np.ndarray]],
                   frame: int | None) -> list[int]:
         """Read ``(slot, out)`` items of one file; returns the indices of missing chunks."""
-        m = self.maps.get(path)
-        if m is not None:  # mapped: copy straight from the page cache
+        mapped = self.maps.get(path)  # None when the file changed since it was mapped
+        if mapped is not None:  # mapped: copy straight from the page cache
+            m, version = mapped
+
             def from_map(at: int, nbytes: int) -> np.ndarray:
                 return np.frombuffer(m, np.uint8, nbytes, at).copy()
 
-            located, missing = self._locate(path, len(m), items, frame, from_map)
+            located, missing = self._locate(path, len(m), items, frame, from_map, version)
             for off, out in located:
                 src = np.frombuffer(m, self.dtype, out.size, off).reshape(out.shape)
                 np.copyto(out, src, casting="unsafe")
@@ -687,14 +723,16 @@ class _RawLayout:
         except FileNotFoundError:
             return list(range(len(items)))
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
 
             def from_fd(at: int, nbytes: int) -> np.ndarray:
                 buf = np.empty(nbytes, np.uint8)
                 _read_into(fd, [buf], at, path)
                 return buf
 
-            located, missing = self._locate(path, size, items, frame, from_fd)
+            located, missing = self._locate(path, size, items, frame, from_fd,
+                                            _signature(st))
             span = self.item_nbytes if frame is None else self.frame_nbytes
             run: list[np.ndarray] = []
             start = end = -1

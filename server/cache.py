@@ -5,13 +5,18 @@ least recently used ones are dropped. A value larger than a quarter of the capac
 is returned but not kept, so one huge item never flushes the whole cache.
 ``get_or_compute`` runs the computation for a key once even when several threads ask
 for it at the same time: the others wait for the first one's result.
+
+:class:`ByteBudget` bounds the bytes of large responses in flight (built, not yet written
+to the socket), so that memory does not grow with the number of connections.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sys
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -141,3 +146,66 @@ class ByteLRU:
                 "rejected": self.rejected,
                 "in_flight": len(self._flights),
             }
+
+
+class ByteBudget:
+    """Bytes of large responses in flight at once (built and not yet written to the socket).
+
+    Used on the IO loop only (no locks). ``acquire(n)`` waits, first come first served,
+    until ``n`` more bytes fit; a response larger than the whole budget runs alone. Without
+    it every connection could hold its own copy of a 13 MB tensor in tornado's write
+    buffer, so the server's memory would grow with the number of connections.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = max(int(capacity), 1)
+        self.used = 0
+        self.peak = 0
+        self.waited = 0
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+
+    async def acquire(self, nbytes: int) -> int:
+        """Reserve ``nbytes`` (at most the capacity); returns what to :meth:`release`."""
+        n = min(max(int(nbytes), 0), self.capacity)
+        if not self._waiters and self.used + n <= self.capacity:
+            self._take(n)
+            return n
+        fut = asyncio.get_running_loop().create_future()
+        item = (n, fut)
+        self._waiters.append(item)
+        self.waited += 1
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release(n)  # granted, then cancelled before it was used
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(item)
+                self._wake()
+            raise
+        return n
+
+    def _take(self, n: int) -> None:
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            n, fut = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+                continue
+            if self.used + n > self.capacity and self.used > 0:
+                break
+            self._waiters.popleft()
+            self._take(n)
+            fut.set_result(None)
+
+    def stats(self) -> dict[str, int]:
+        return {"capacity_bytes": self.capacity, "bytes": self.used, "peak_bytes": self.peak,
+                "waiting": len(self._waiters), "waited": self.waited}

@@ -15,16 +15,47 @@ from xcube.constants import LOG
 from xcube.server.api import ApiContext, Context
 from xcube.server.config import resolve_config_path
 
+from cube_gen import schema as S
 from cube_gen.access import CubeSet
+from cube_gen.errors import CubeError, NotFoundError
 
-from .cache import ByteLRU
+from .cache import ByteBudget, ByteLRU
 from .config import DEFAULTS, SECTION
-from .params import Unavailable
+from .params import ApiProblem, Unavailable
 from .service import DeepEarthService
 
 T = TypeVar("T")
 REOPEN_INTERVAL = 10.0  # seconds between attempts to open an unreachable cube set
 HEAVY_QUEUE = 8  # projections waiting for the heavy worker before requests answer 503
+# Bytes of binary responses (tensors, batches) built or being written at once; more wait.
+# About nine full 13 MB tensors: enough to keep a fast link busy, and the server's memory
+# no longer grows with the number of connections fetching tensors.
+RESPONSE_BUFFER_BYTES = 128 * 1024 * 1024
+# Seconds an object-store cube set counts as reachable after its manifest was read; a
+# local one is checked (one stat) after every request.
+STORAGE_CHECK_INTERVAL = 2.0
+_STORAGE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs",
+                    "urllib3", "requests")
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    """An error of the storage layer (file system, network, object store client)."""
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _STORAGE_MODULES
+
+
+def _manifest_problem(cs: CubeSet) -> str | None:
+    """Why the cube set's manifest cannot be read now, or None."""
+    target = cs.target
+    path = target.path(S.MANIFEST)
+    if target.is_local:
+        return None if os.path.isfile(path) else f"{S.MANIFEST} is missing"
+    try:
+        target.fs.cat_file(path)  # a GET: no listing cache can answer for the store
+        return None
+    except FileNotFoundError:
+        return f"{S.MANIFEST} is missing"
+    except Exception as exc:  # noqa: BLE001 - any failure means unreachable
+        return f"{type(exc).__name__}: {exc}"
 
 
 def _plain(value: Any) -> Any:
@@ -47,10 +78,14 @@ class DeepEarthContext(ApiContext):
         self.cubeset_url: str | None = None
         self.storage_options: dict[str, Any] = {}
         self.cache = ByteLRU(self.settings["CacheBytes"])
+        self.response_budget = ByteBudget(RESPONSE_BUFFER_BYTES)
         self._service: DeepEarthService | None = None
         self._open_error: str | None = None
         self._last_attempt = 0.0
         self._open_lock = threading.Lock()
+        self._check_lock = threading.Lock()
+        self._storage_problem: str | None = None
+        self._storage_ok_until = 0.0
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.heavy_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.started = time.time()
@@ -143,15 +178,106 @@ class DeepEarthContext(ApiContext):
                               "heavy results are cached when they complete, so retry later",
                               None) from None
 
-    async def call(self, method: str, *args: Any, heavy: bool = False, **kwargs: Any) -> Any:
-        """Run ``service.<method>(*args, **kwargs)`` on a worker thread."""
-        def work():
-            return getattr(self.service, method)(*args, **kwargs)
-        return await self.run(work, heavy=heavy)
+    async def call(self, method: str, *args: Any, heavy: bool = False, guard: bool = True,
+                   **kwargs: Any) -> Any:
+        """Run ``service.<method>(*args, **kwargs)`` on a worker thread (see :meth:`guarded`)."""
+        def work(svc):
+            return getattr(svc, method)(*args, **kwargs)
+        if not guard:
+            return await self.run(lambda: work(self.service), heavy=heavy)
+        return await self.run(self.guarded, work, heavy=heavy)
 
     async def call_with(self, fn: Callable[[DeepEarthService], T], heavy: bool = False) -> T:
-        """Run ``fn(service)`` on a worker thread."""
-        return await self.run(lambda: fn(self.service), heavy=heavy)
+        """Run ``fn(service)`` on a worker thread (see :meth:`guarded`)."""
+        return await self.run(self.guarded, fn, heavy=heavy)
+
+    # -- storage faults ------------------------------------------------------------------
+    def guarded(self, fn: Callable[[DeepEarthService], T]) -> T:
+        """``fn(service)``, answering 503 while the cube set's storage cannot be read.
+
+        zarr reads a chunk that is missing as its fill value, so a cube set that went away
+        (a folder moved, an object store restarted empty) would give wrong values with
+        HTTP 200; an unreachable store raises client errors that are no 500 of ours. The
+        manifest is checked after every call (see :meth:`storage_problem`): while it cannot
+        be read the request answers 503 naming the cube set; damaged data (a truncated
+        chunk) answers 500 naming the file, and only the requests that read it fail. The
+        caches are emptied when the storage fails and when it is back, so nothing computed
+        meanwhile outlives the fault; no restart is needed.
+        """
+        svc = self.service
+        try:
+            result = fn(svc)
+        except (ApiProblem, NotFoundError):
+            problem = self.storage_problem()
+            if problem is not None:
+                raise self._unavailable(problem) from None
+            raise
+        except Exception as exc:
+            problem = self.storage_problem(fresh=True)
+            if problem is not None:
+                raise self._unavailable(problem) from exc
+            if isinstance(exc, CubeError):
+                message = self._relative(str(exc))
+                LOG.error(f"DeepEarth: damaged data in {self.cubeset_url}: {message}")
+                raise ApiProblem(f"the cube set's data is damaged: {message}; other data is "
+                                 "still served (see the server log)") from exc
+            if _is_storage_error(exc):
+                message = self._relative(f"{type(exc).__name__}: {exc}")
+                LOG.error(f"DeepEarth: reading {self.cubeset_url} failed: {message}")
+                raise Unavailable(f"reading the cube set failed: {message}; retry later") from exc
+            raise
+        problem = self.storage_problem()
+        if problem is not None:
+            raise self._unavailable(problem)
+        return result
+
+    def storage_problem(self, fresh: bool = False) -> str | None:
+        """Why the cube set cannot be read now (None: it can).
+
+        Reads the manifest: one ``stat`` on a local disk, every time; one GET on an object
+        store, at most every ``STORAGE_CHECK_INTERVAL`` s while it answers (``fresh``: now).
+        While one thread checks, the others take the last answer.
+        """
+        svc = self._service
+        if svc is None:
+            return self._open_error
+        if not fresh and not svc.cs.target.is_local and \
+                time.monotonic() < self._storage_ok_until:
+            return None
+        if not self._check_lock.acquire(blocking=False):
+            return self._storage_problem
+        try:
+            problem = _manifest_problem(svc.cs)
+            self._storage_ok_until = time.monotonic() + STORAGE_CHECK_INTERVAL \
+                if problem is None else 0.0
+            if problem != self._storage_problem:
+                if problem is None:
+                    LOG.info(f"DeepEarth: cube set {self.cubeset_url} is readable again")
+                else:
+                    LOG.error(f"DeepEarth: cube set {self.cubeset_url} cannot be read: "
+                              f"{problem}")
+                if (problem is None) != (self._storage_problem is None):
+                    self._drop_caches(svc)
+                self._storage_problem = problem
+            return problem
+        finally:
+            self._check_lock.release()
+
+    def _drop_caches(self, svc: DeepEarthService) -> None:
+        """Forget everything read or computed so far (tables, maps, the result cache)."""
+        svc.cs.close()
+        svc.cache = self.cache = ByteLRU(int(self.settings["CacheBytes"]))
+
+    def _unavailable(self, problem: str) -> Unavailable:
+        return Unavailable(f"the cube set {self.cubeset_url} cannot be read: "
+                           f"{self._relative(problem)}; retry later (see /deepearth/health)")
+
+    def _relative(self, message: str) -> str:
+        """``message`` with the cube set's root left out of file paths."""
+        svc = self._service
+        for root in filter(None, (self.cubeset_url, svc and svc.cs.target.root)):
+            message = message.replace(str(root).rstrip("/") + "/", "")
+        return message
 
     def status(self) -> dict[str, Any]:
         def queued(ex):
@@ -162,5 +288,6 @@ class DeepEarthContext(ApiContext):
             "workers": int(self.settings["MaxWorkers"]),
             "queued": queued(self.executor),
             "heavy_queued": queued(self.heavy_executor),
+            "response_buffer": self.response_budget.stats(),
             **self.counters,
         }

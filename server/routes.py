@@ -8,6 +8,7 @@ would put the Python traceback in the body.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import json
@@ -29,10 +30,30 @@ from . import render
 from .api import API_VERSION, URL_PREFIX, api
 from .config import DEFAULTS, SECTION
 from .context import DeepEarthContext
-from .params import ApiProblem, MethodNotAllowed, NotFound, ParamError
+from .params import ApiProblem, MethodNotAllowed, NotFound, ParamError, Unavailable
 from .service import FeatureSlice, Filters
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# Longest query string (names and values) an endpoint reads: 1000 species names fit.
+# Tornado itself closes the connection on request heads over its ``max_header_size``
+# (64 KiB unless the server config's ``tornado`` section raises it).
+MAX_QUERY_BYTES = 64 * 1024
+
+
+class UriTooLong(ApiProblem):
+    status = 414
+
+
+def check_query_size(request) -> None:
+    """414 naming the longest parameter when the query string (as sent, percent-encoded)
+    is longer than ``MAX_QUERY_BYTES``."""
+    size = len(request.url.partition("?")[2])
+    if size > MAX_QUERY_BYTES:
+        sizes = {k: len(k) + sum(len(v) for v in values) for k, values in request.query.items()}
+        longest = max(sizes, key=sizes.get) if sizes else "query"
+        raise UriTooLong(f"the query string has {size} bytes, more than {MAX_QUERY_BYTES} "
+                         f"(the longest parameter is {longest[:64]!r})", longest[:64],
+                         f"at most {MAX_QUERY_BYTES} bytes of query string")
 
 # -- OpenAPI response objects --------------------------------------------------------------
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -93,6 +114,15 @@ def json_bytes(obj: Any) -> bytes:
     return json.dumps(_clean(obj), separators=(",", ":"), allow_nan=False).encode()
 
 
+async def _flushed(written: Any, timeout: float) -> None:
+    """Wait (at most ``timeout`` s) until tornado has handed a response to the socket."""
+    if written is None:
+        return
+    done, _ = await asyncio.wait({asyncio.ensure_future(written)}, timeout=timeout)
+    for fut in done:
+        fut.exception()  # a client that went away: nothing to do, but retrieve it
+
+
 def npy_header(arr: np.ndarray) -> bytes:
     """The .npy header (format 1.0) of a C-contiguous array; the raw bytes follow it."""
     buf = io.BytesIO()
@@ -108,12 +138,13 @@ class Handler(ApiHandler[DeepEarthContext]):
         return self.request.query
 
     def _finish(self, data: bytes, content_type: str, status: int = 200,
-                headers: dict[str, str] | None = None) -> None:
+                headers: dict[str, str] | None = None):
+        """Write the response; returns tornado's future of the write (or None)."""
         self.response.set_status(status)
         self.response.set_header("Content-Type", content_type)
         for k, v in (headers or {}).items():
             self.response.set_header(k, v)
-        self.response.finish(data)
+        return self.response.finish(data)
 
     def send_json(self, obj: Any, content_type: str = "application/json",
                   status: int = 200) -> None:
@@ -135,15 +166,30 @@ class Handler(ApiHandler[DeepEarthContext]):
             "Access-Control-Expose-Headers": "X-DeepEarth-Dtype, X-DeepEarth-Shape, "
                                              "X-DeepEarth-Byte-Order",
         }
-        if fmt == "npy":
-            headers["Content-Disposition"] = f'attachment; filename="{name}.npy"'
-            # one bytes object built off the loop: tornado sends a single chunk uncopied
-            data = await self.ctx.run(lambda: npy_header(arr) + arr.tobytes())
-            self._finish(data, "application/x-npy", headers=headers)
-        else:
-            data = await self.ctx.run(np.ascontiguousarray(arr).tobytes)
-            headers["Content-Disposition"] = f'attachment; filename="{name}.bin"'
-            self._finish(data, "application/octet-stream", headers=headers)
+        # The bytes wait in tornado's write buffer until the client has read them: hold
+        # them against the context's response budget until then, so that memory stays
+        # bounded however many connections fetch tensors at once.
+        budget = self.ctx.response_budget
+        timeout = float(self.ctx.settings["RequestTimeout"])
+        try:
+            held = await asyncio.wait_for(budget.acquire(arr.nbytes + 256), timeout)
+        except TimeoutError:
+            raise Unavailable(f"the server is busy sending large responses (waited {timeout:g} "
+                              "s); retry later") from None
+        try:
+            if fmt == "npy":
+                headers["Content-Disposition"] = f'attachment; filename="{name}.npy"'
+                # one bytes object built off the loop: tornado sends a single chunk uncopied
+                data = await self.ctx.run(lambda: npy_header(arr) + arr.tobytes())
+                written = self._finish(data, "application/x-npy", headers=headers)
+            else:
+                data = await self.ctx.run(np.ascontiguousarray(arr).tobytes)
+                headers["Content-Disposition"] = f'attachment; filename="{name}.bin"'
+                written = self._finish(data, "application/octet-stream", headers=headers)
+            del data
+            await _flushed(written, timeout)
+        finally:
+            budget.release(held)
 
     def send_problem(self, problem: ApiProblem) -> None:
         self._finish(json_bytes(problem.body()), "application/json", problem.status)
@@ -179,6 +225,7 @@ def endpoint(operation_id: str, summary: str, parameters: list[dict] | None = No
         async def wrapper(self: Handler, *args, **kwargs):
             self.ctx.counters["requests"] += 1
             try:
+                check_query_size(self.request)
                 P.check_known(self.query, allowed)
                 await fn(self, *args, **kwargs)
             except ApiProblem as problem:
@@ -203,6 +250,12 @@ def endpoint(operation_id: str, summary: str, parameters: list[dict] | None = No
 
 # -- parameter groups ----------------------------------------------------------------------
 def path_int(name: str, value: str, minimum: int = 0, maximum: int = 2**62) -> int:
+    """A non-negative integer path segment: ASCII digits only (no sign, spaces, ``_``,
+    or other scripts' digits, which ``int`` would accept)."""
+    if not (value.isascii() and value.isdigit()) or len(value) > 20:
+        allowed = f"an integer in [{minimum}, {maximum}]"
+        raise ParamError(f"parameter {name!r} must be {allowed}, got {value[:100]!r}", name,
+                         allowed, value[:100])
     return P.integer({}, name, None, minimum, maximum, value=value)
 
 
@@ -273,7 +326,7 @@ class HealthHandler(Handler):
             "settings": ctx.settings, "server": ctx.status(), "cache": ctx.cache.stats(),
         }
         try:
-            body["cubeset_status"] = await ctx.call("health")
+            body["cubeset_status"] = await ctx.call("health", guard=False)
         except ApiProblem as problem:
             body["cubeset_status"] = {"reachable": False, "error": problem.message}
         if not body["cubeset_status"].get("reachable"):
@@ -436,7 +489,7 @@ class BatchHandler(Handler):
                              f"at most {MAX_BODY_BYTES} bytes of JSON")
         try:
             data = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: [[[[...
             raise ParamError("the body is not valid JSON", "body",
                              'a JSON object {"ids": [[gbif_id, image_number], ...]}') from None
         if not isinstance(data, dict):
