@@ -9,6 +9,7 @@ would put the Python traceback in the body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import json
@@ -166,28 +167,33 @@ class Handler(ApiHandler[DeepEarthContext]):
             "Access-Control-Expose-Headers": "X-DeepEarth-Dtype, X-DeepEarth-Shape, "
                                              "X-DeepEarth-Byte-Order",
         }
-        # The bytes wait in tornado's write buffer until the client has read them: hold
-        # them against the context's response budget until then, so that memory stays
-        # bounded however many connections fetch tensors at once.
+        if fmt == "npy":
+            headers["Content-Disposition"] = f'attachment; filename="{name}.npy"'
+            # one bytes object built off the loop: tornado sends a single chunk uncopied
+            data = await self.ctx.run(lambda: npy_header(arr) + arr.tobytes())
+            written = self._finish(data, "application/x-npy", headers=headers)
+        else:
+            data = await self.ctx.run(np.ascontiguousarray(arr).tobytes)
+            headers["Content-Disposition"] = f'attachment; filename="{name}.bin"'
+            written = self._finish(data, "application/octet-stream", headers=headers)
+        del data
+        # the bytes wait in tornado's write buffer until the client has read them
+        await _flushed(written, float(self.ctx.settings["RequestTimeout"]))
+
+    @contextlib.asynccontextmanager
+    async def response_buffer(self, nbytes: int):
+        """Hold ``nbytes`` of the context's response budget while a large response is
+        computed, encoded and written (wait for them first), so that the server's memory
+        stays bounded however many connections fetch tensors at once."""
         budget = self.ctx.response_budget
         timeout = float(self.ctx.settings["RequestTimeout"])
         try:
-            held = await asyncio.wait_for(budget.acquire(arr.nbytes + 256), timeout)
+            held = await asyncio.wait_for(budget.acquire(nbytes), timeout)
         except TimeoutError:
             raise Unavailable(f"the server is busy sending large responses (waited {timeout:g} "
                               "s); retry later") from None
         try:
-            if fmt == "npy":
-                headers["Content-Disposition"] = f'attachment; filename="{name}.npy"'
-                # one bytes object built off the loop: tornado sends a single chunk uncopied
-                data = await self.ctx.run(lambda: npy_header(arr) + arr.tobytes())
-                written = self._finish(data, "application/x-npy", headers=headers)
-            else:
-                data = await self.ctx.run(np.ascontiguousarray(arr).tobytes)
-                headers["Content-Disposition"] = f'attachment; filename="{name}.bin"'
-                written = self._finish(data, "application/octet-stream", headers=headers)
-            del data
-            await _flushed(written, timeout)
+            yield
         finally:
             budget.release(held)
 
@@ -526,8 +532,11 @@ class BatchHandler(Handler):
                 raise ParamError(f"body field 'ids' must be {allowed}; bad item {item!r}",
                                  "ids", allowed, item)
             pairs.append((item[0], item[1]))
-        arr = await self.ctx.call("batch", pairs, kind, dtype)
-        await self.reply_array(arr, fmt, f"batch-{kind}")
+        item = S.L.N_FEATURES if kind == "pooled" else math.prod(S.L.VISION_SHAPE)
+        # the array, then its encoded bytes
+        async with self.response_buffer(2 * len(pairs) * item * np.dtype(dtype).itemsize):
+            arr = await self.ctx.call("batch", pairs, kind, dtype)
+            await self.reply_array(arr, fmt, f"batch-{kind}")
 
 
 def _feature_slice(query, shape: tuple[int, ...]) -> FeatureSlice:
@@ -542,6 +551,18 @@ def _feature_slice(query, shape: tuple[int, ...]) -> FeatureSlice:
     return FeatureSlice(frame, P.slice_param(query, "patch_y", ny),
                         P.slice_param(query, "patch_x", nx),
                         P.slice_param(query, "feature", nf))
+
+
+def _features_nbytes(query, dtype: str) -> int:
+    """Bytes of a features answer, for the response budget (the published tensor shape;
+    the whole tensor when the slice does not fit it: the service then judges it)."""
+    try:
+        sl = _feature_slice(query, S.L.VISION_SHAPE)
+        frames = 1 if sl.frame == "mean" else sl.frame.stop - sl.frame.start
+        n = frames * math.prod(x.stop - x.start for x in (sl.patch_y, sl.patch_x, sl.feature))
+    except ParamError:
+        n = math.prod(S.L.VISION_SHAPE)
+    return n * np.dtype(dtype).itemsize
 
 
 @api.route(URL_PREFIX + "/embeddings/{gbif_id}/{image_number}/features")
@@ -575,8 +596,10 @@ class FeaturesHandler(Handler):
 
         def work(svc):
             return svc.features(gid, num, _feature_slice(q, svc.feature_shape()), dtype)
-        arr = await self.ctx.call_with(work)
-        await self.reply_array(arr, fmt, f"features-{gid}-{num}")
+        nbytes = _features_nbytes(q, dtype)
+        async with self.response_buffer(2 * nbytes):  # the array, then its encoded bytes
+            arr = await self.ctx.call_with(work)
+            await self.reply_array(arr, fmt, f"features-{gid}-{num}")
 
 
 @api.route(URL_PREFIX + "/embeddings/{gbif_id}/{image_number}/pooled")
