@@ -152,9 +152,10 @@ class ByteBudget:
     """Bytes of large responses in flight at once (built and not yet written to the socket).
 
     Used on the IO loop only (no locks). ``acquire(n)`` waits, first come first served,
-    until ``n`` more bytes fit; a response larger than the whole budget runs alone. Without
-    it every connection could hold its own copy of a 13 MB tensor in tornado's write
-    buffer, so the server's memory would grow with the number of connections.
+    until ``n`` more bytes fit; a response larger than the whole budget runs alone, and a
+    small one (at most 1/64 of the budget) does not queue behind large ones while it fits.
+    Without it every connection could hold its own copy of a 13 MB tensor in tornado's
+    write buffer, so the server's memory would grow with the number of connections.
     """
 
     def __init__(self, capacity: int):
@@ -167,7 +168,7 @@ class ByteBudget:
     async def acquire(self, nbytes: int) -> int:
         """Reserve ``nbytes`` (at most the capacity); returns what to :meth:`release`."""
         n = min(max(int(nbytes), 0), self.capacity)
-        if not self._waiters and self.used + n <= self.capacity:
+        if self.used + n <= self.capacity and (not self._waiters or n <= self.capacity // 64):
             self._take(n)
             return n
         fut = asyncio.get_running_loop().create_future()

@@ -290,6 +290,44 @@ def test_malformed_json_bodies_are_400s_naming_the_field(served: Served):
 
 
 # -- load ----------------------------------------------------------------------------------
+def test_response_budget_bounds_bytes_in_flight():
+    """The byte budget of large responses (server.cache.ByteBudget) never lets more than
+    its capacity through, serves large ones in order, lets small ones pass while they fit,
+    and forgets waiters that gave up."""
+    import asyncio
+    import random
+
+    from server.cache import ByteBudget
+
+    async def scenario():
+        budget = ByteBudget(100)
+        in_flight = []
+
+        async def job(n: int) -> None:
+            got = await budget.acquire(n)
+            in_flight.append(budget.used)
+            await asyncio.sleep(random.random() / 200)
+            budget.release(got)
+
+        rng = random.Random(0)
+        await asyncio.gather(*(job(rng.choice([1, 30, 60, 150])) for _ in range(300)))
+        assert max(in_flight) <= 100 and budget.used == 0 and budget.stats()["waiting"] == 0
+        held = await budget.acquire(90)
+        large = asyncio.create_task(budget.acquire(50))
+        await asyncio.sleep(0)
+        assert not large.done()
+        assert await asyncio.wait_for(budget.acquire(1), 1) == 1  # small: passes the queue
+        budget.release(1)
+        with pytest.raises(TimeoutError):  # a waiter that gives up leaves the queue
+            await asyncio.wait_for(budget.acquire(60), 0.01)
+        budget.release(held)
+        assert await large == 50 and budget.used == 50
+        budget.release(50)
+        assert budget.used == 0 and budget.stats()["waiting"] == 0
+
+    asyncio.run(scenario())
+
+
 def memory_bound(rss_warm: int, tensor_bytes: int) -> int:
     """The most the server's RSS may reach under load, in bytes.
 
