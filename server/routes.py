@@ -68,7 +68,12 @@ ERRORS = {
     "400": _error_response("Bad parameter: the body names the parameter and the allowed "
                            "values"),
     "404": _error_response("Unknown id: the body names the parameter"),
-    "503": _error_response("Cube set unavailable, or the request timed out"),
+    "414": _error_response("Query string longer than 64 KiB: the body names the longest "
+                           "parameter"),
+    "500": _error_response("Damaged cube data (the body names the file) or an internal "
+                           "error (a reference to the server log; never a traceback)"),
+    "503": _error_response("Cube set unreadable (moved away, storage down), server busy, "
+                           "or the request timed out"),
 }
 
 
