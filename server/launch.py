@@ -167,6 +167,9 @@ def make_config(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
     # xcube's own /wmts scales colours to [0, 1] and serves the first time step when a
     # client sends none; the plugin's /deepearth/wmts replaces it.
     config["api_spec"] = {"excludes": ["ows.wmts"]}
+    # tornado closes the connection without an answer on request heads over 64 KiB; with
+    # 4 MiB the plugin can answer over-long query strings with a JSON 414 naming them.
+    config["tornado"] = {"max_header_size": 4 * 1024 * 1024}
     if "dataset" in location:
         config["Datasets"] = [{**common, **location["dataset"]}]
     else:
