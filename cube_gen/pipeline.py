@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import logging
 import math
 import time
 import warnings
@@ -26,14 +25,11 @@ from . import derive as D
 from . import schema as S
 from . import source_layout as L
 from .encode import dataset_from_spec, encoding_for, open_staged_template, write_dataset
-from .errors import CubeError
 from .index import chunk_extents, order_images, order_observations, species_table
 from .reader import SourceDataset
 from .recipe import Recipe
 from .store import Target, zarr_store
 from .vision_stage import finished_parts, load_parts, plan_tasks, run_task
-
-log = logging.getLogger(__name__)
 
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
 
@@ -168,12 +164,12 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> str:
     # streaming embeddings leaves a previously published cube set untouched.
     state = {c: _state(target, c, fingerprint) for c in S.CUBES}
     if state[S.VISION] == "todo":
-        build_vision(recipe, target, images, species, progress)
-        state[S.VISION] = "staged"
-    vision_url = target.url_of(S.CUBE_PATHS[S.VISION]) if state[S.VISION] == "published" \
-        else target.staging_url(S.CUBE_PATHS[S.VISION])
-    pooled = xr.open_zarr(vision_url, storage_options=target.storage_options or None,
-                          consolidated=True)["pooled"].values
+        pooled = build_vision(recipe, target, images, species, progress)
+    else:  # staged or published by an earlier run: read the pooled vectors back
+        vision_url = target.url_of(S.CUBE_PATHS[S.VISION]) if state[S.VISION] == "published" \
+            else target.staging_url(S.CUBE_PATHS[S.VISION])
+        pooled = xr.open_zarr(vision_url, storage_options=target.storage_options or None,
+                              consolidated=True)["pooled"].values
     if state[S.SPECIES] == "todo":
         build_species(recipe, target, species, images, progress)
     if state[S.OBSERVATIONS] == "todo":
@@ -477,10 +473,8 @@ def build_grid(recipe: Recipe, target: Target, obs: pd.DataFrame, images: pd.Dat
             "geospatial_lat_min": float(n_edge - ny * res), "geospatial_lat_max": float(n_edge),
             "top_species": [species.taxon_name.iat[s] for s in top],
         }))
-        t = min(tile, ly, lx)
         chunks = {k: (1, min(tile, ly), min(tile, lx)) for k in ds.data_vars if k in layers}
         enc = encoding_for(ds, {}, cfg, chunks)
-        del t
         write_dataset(ds, target.staging_url(name, f"{level}.zarr"), target.storage_options, enc,
                       cfg["zarr_format"])
     _mark_staged(target, S.GRID, recipe.fingerprint())
@@ -499,13 +493,3 @@ def _with_bounds(ds: xr.Dataset, res: float, bins: pd.DatetimeIndex, period: str
     ds["lon"].attrs["bounds"] = "lon_bnds"
     ds["time"].attrs["bounds"] = "time_bnds"
     return ds
-
-
-def check_cubeset(url: str, storage_options: dict | None = None) -> dict:
-    """The manifest of a complete cube set; raises CubeError when the set is incomplete."""
-    target = Target(url, storage_options)
-    manifest = target.read_json(target.path(S.MANIFEST))
-    if manifest is None:
-        raise CubeError(f"{url} is not a complete cube set: {S.MANIFEST} is missing "
-                        "(the build has not finished; re-run the recipe)")
-    return manifest
