@@ -91,12 +91,11 @@ def _scheduler(v):
 
 
 def _grid_vars(v):
-    from .schema import GRID_VARS
+    from .grid_variables import switches
 
     if not isinstance(v, list) or not v:
         return "expected a non-empty list"
-    allowed = set(GRID_VARS) - {"embedding_g", "embedding_b"}
-    allowed = {"embedding_rgb" if a == "embedding_r" else a for a in allowed}
+    allowed = switches()
     bad = [x for x in v if x not in allowed]
     return f"unknown variable(s) {bad}; allowed: {sorted(allowed)}" if bad else None
 
