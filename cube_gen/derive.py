@@ -80,42 +80,79 @@ def time_bins(times: np.ndarray, period: str, years: tuple[int, int] | None = No
     return pd.date_range(start, end, freq=period)
 
 
-def grid_aggregates(lat: np.ndarray, lon: np.ndarray, time: np.ndarray, species: np.ndarray,
-                    bins: pd.DatetimeIndex, lat_axis: np.ndarray, lon_axis: np.ndarray,
-                    resolution: float) -> dict[str, np.ndarray]:
-    """Observation counts, species richness and Shannon diversity per (time, lat, lon).
+def point_cells(lat: np.ndarray, lon: np.ndarray, it: np.ndarray, nt: int, north: float,
+                west: float, resolution: float, ny: int, nx: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ok, cell)``: which points fall on the (time, lat, lon) grid, and their flat cell
+    index ``(it * ny + iy) * nx + ix`` (``cell`` holds the points where ``ok``).
 
-    Points outside the grid are ignored. Returns float32 arrays of shape
-    (len(bins), len(lat_axis), len(lon_axis)), NaN where a cell has no observation
-    (counts are 0 there, not NaN).
+    ``it`` is each point's time step (negative or >= ``nt``: off the grid); rows run south
+    from ``north``, columns east from ``west``.
     """
-    nt, ny, nx = len(bins), len(lat_axis), len(lon_axis)
-    north = lat_axis[0] + resolution / 2
-    west = lon_axis[0] - resolution / 2
-    iy = np.floor((north - lat) / resolution).astype(np.int64)
-    ix = np.floor((lon - west) / resolution).astype(np.int64)
-    it = np.searchsorted(bins.values, np.asarray(time, "datetime64[ns]"), side="right") - 1
+    iy = np.floor((north - np.asarray(lat, np.float64)) / resolution).astype(np.int64)
+    ix = np.floor((np.asarray(lon, np.float64) - west) / resolution).astype(np.int64)
+    it = np.asarray(it, np.int64)
     ok = (iy >= 0) & (iy < ny) & (ix >= 0) & (ix < nx) & (it >= 0) & (it < nt)
-    cell = (it[ok] * ny + iy[ok]) * nx + ix[ok]
-    sp = species[ok].astype(np.int64)
-    counts = np.bincount(cell, minlength=nt * ny * nx).astype(np.float32)
-    richness = np.zeros(nt * ny * nx, np.float32)
-    shannon = np.full(nt * ny * nx, np.nan, np.float32)
+    return ok, (it[ok] * ny + iy[ok]) * nx + ix[ok]
+
+
+def period_index(times: np.ndarray, bins: pd.DatetimeIndex) -> np.ndarray:
+    """Time step of each time in the period starts ``bins`` (-1 before the first)."""
+    return np.searchsorted(bins.values, np.asarray(times, "datetime64[ns]"), side="right") - 1
+
+
+def cell_statistics(cell: np.ndarray, species: np.ndarray, size: int,
+                    min_observations: int = 1,
+                    visit: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-cell statistics of the points in flat cells ``cell`` (float32, length ``size``).
+
+    * ``observation_count``: points per cell (0 where empty);
+    * ``species_richness``: distinct species, ``shannon_diversity``: H' = -sum p ln p,
+      ``simpson_diversity``: 1 - sum p^2 (Gini-Simpson), each NaN where the cell has fewer
+      than ``min_observations`` points (diversity of one or two records means nothing);
+    * ``sampling_effort`` (with ``visit``, an integer id of each point's visit, e.g. its
+      day): distinct visits per cell, 0 where empty.
+    """
+    cell = np.asarray(cell, np.int64)
+    counts = np.bincount(cell, minlength=size).astype(np.float64)
+    richness = np.zeros(size, np.float64)
+    shannon = np.zeros(size, np.float64)
+    simpson = np.ones(size, np.float64)
     if len(cell):
-        pairs, pair_counts = np.unique(np.stack([cell, sp]), axis=1, return_counts=True)
+        pairs, pair_counts = np.unique(np.stack([cell, np.asarray(species, np.int64)]), axis=1,
+                                       return_counts=True)
         pcell = pairs[0]
-        richness += np.bincount(pcell, minlength=nt * ny * nx)
         p = pair_counts / counts[pcell]
-        h = np.bincount(pcell, weights=-p * np.log(p), minlength=nt * ny * nx)
-        occupied = counts > 0
-        shannon[occupied] = h[occupied]
-    shape = (nt, ny, nx)
-    return {
-        "observation_count": counts.reshape(shape),
-        "species_richness": richness.reshape(shape),
-        "shannon_diversity": shannon.reshape(shape),
-        "_cell": (ok, cell),
-    }
+        richness += np.bincount(pcell, minlength=size)
+        shannon += np.bincount(pcell, weights=-p * np.log(p), minlength=size)
+        simpson -= np.bincount(pcell, weights=p * p, minlength=size)
+    enough = counts >= max(int(min_observations), 1)
+    out = {"observation_count": counts.astype(np.float32)}
+    for name, values in (("species_richness", richness), ("shannon_diversity", shannon),
+                         ("simpson_diversity", simpson)):
+        layer = np.full(size, np.nan, np.float32)
+        layer[enough] = values[enough]
+        out[name] = layer
+    if visit is not None:
+        out["sampling_effort"] = distinct_count(cell, visit, size)
+    return out
+
+
+def distinct_count(cell: np.ndarray, key: np.ndarray, size: int) -> np.ndarray:
+    """Number of distinct ``key`` values per flat cell (float32; 0 where empty)."""
+    if len(cell) == 0:
+        return np.zeros(size, np.float32)
+    pairs = np.unique(np.stack([np.asarray(cell, np.int64), np.asarray(key, np.int64)]), axis=1)
+    return np.bincount(pairs[0], minlength=size).astype(np.float32)
+
+
+def cell_area_km2(lat: np.ndarray, resolution: float) -> np.ndarray:
+    """Area in km2 of cells of ``resolution`` degrees centred on latitudes ``lat`` (WGS84
+    authalic sphere, R = 6371.007 km)."""
+    r = 6371.0072
+    lat = np.asarray(lat, np.float64)
+    half = resolution / 2
+    band = np.sin(np.radians(np.minimum(lat + half, 90))) - np.sin(np.radians(np.maximum(lat - half, -90)))
+    return r * r * np.radians(resolution) * band
 
 
 def grid_mean(ok: np.ndarray, cell: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:

@@ -37,6 +37,7 @@ class ColorRange:
     integer: bool = False
     norm: str = "lin"
     transparent_zero: bool = False
+    fit_vmin: bool = False  # also fit vmin (the low quantile of the positive values)
 
     def fit(self, values: np.ndarray | Iterable[np.ndarray]) -> tuple[float, float]:
         """``(vmin, vmax)`` for the data (one array, or several, e.g. one per level: then
@@ -46,13 +47,18 @@ class ColorRange:
         arrays = [values] if isinstance(values, np.ndarray) else list(values)
         tops = [t for t in (self._fit_one(a) for a in arrays) if t is not None]
         vmax = max(tops) if tops else float(self.vmax)
-        if vmax <= self.vmin:
-            vmax = self.vmin + (1.0 if self.integer else abs(self.vmin) or 1.0)
-        return float(self.vmin), float(vmax)
+        vmin = float(self.vmin)
+        if self.fit_vmin:
+            lows = [float(np.quantile(p, self.top_fraction * 0.5))
+                    for p in (_positive(a) for a in arrays) if p.size]
+            if lows:
+                vmin = float(f"{min(lows):.3g}")
+        if vmax <= vmin:
+            vmax = vmin * 10 if self.norm == "log" and vmin > 0 else vmin + 1.0
+        return vmin, float(vmax)
 
     def _fit_one(self, values: np.ndarray) -> float | None:
-        v = np.asarray(values, dtype=np.float64).ravel()
-        v = v[np.isfinite(v) & (v > 0)]
+        v = _positive(values)
         if v.size == 0:
             return None
         if self.integer:
@@ -65,6 +71,11 @@ class ColorRange:
             return float(max(cand, 1.0))
         top = float(np.quantile(v, 1.0 - self.top_fraction * 0.5))
         return float(f"{top:.3g}") if top > 0 else None
+
+
+def _positive(values: np.ndarray) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64).ravel()
+    return v[np.isfinite(v) & (v > 0)]
 
 
 @dataclass(frozen=True)
@@ -102,17 +113,32 @@ class GridVariable:
         return f"{self.long_name}{units}"
 
 
-_COUNT = ColorRange(integer=True, transparent_zero=True)
+# counts: log colour scale from 1 (zero cells transparent: log of 0 is no colour), so one
+# range reads at every level of the pyramid; the top fitted on the busiest level
+_COUNT = ColorRange(vmin=1.0, integer=True, norm="log", transparent_zero=True)
+_DENSITY = ColorRange(vmin=0.1, norm="log", fit_vmin=True)
 _RGB = ColorRange(kind="fixed", vmin=0.0, vmax=1.0)
+_MIN_OBS = ("NaN where the cell has fewer than cubes.grid.min_observations observations "
+            "(see the grid's min_observations attribute)")
 
 GRID_VARIABLES: dict[str, GridVariable] = {v.name: v for v in (
+    GridVariable("species_richness", "number of distinct species", "1", "plasma", _COUNT,
+                 "species_richness", "area: count of distinct species", _MIN_OBS),
     GridVariable("observation_count", "number of observations", "1", "viridis", _COUNT,
                  "observation_count", "area: sum (observations in the cell)"),
-    GridVariable("species_richness", "number of distinct species", "1", "plasma", _COUNT,
-                 "species_richness", "area: count of distinct species"),
+    GridVariable("observation_density", "observations per km2", "km-2", "viridis", _DENSITY,
+                 "observation_density", "area: sum (observations) / cell area",
+                 "NaN where the cell has no observation; comparable across pyramid levels"),
+    GridVariable("sampling_effort", "sampling effort: distinct observation days", "1",
+                 "cividis", _COUNT, "sampling_effort",
+                 "area: count of distinct days with observations",
+                 "an observation without a known day counts the start of its known period"),
     GridVariable("shannon_diversity", "Shannon diversity index H' of species counts", "1",
                  "magma", ColorRange(), "shannon_diversity",
-                 "area: -sum p_i ln p_i over the species of the cell"),
+                 "area: -sum p_i ln p_i over the species of the cell", _MIN_OBS),
+    GridVariable("simpson_diversity", "Gini-Simpson diversity index 1 - sum p_i^2", "1",
+                 "inferno", ColorRange(), "simpson_diversity",
+                 "area: 1 - sum p_i^2 over the species of the cell", _MIN_OBS),
     GridVariable("vision_count", "number of vision embeddings", "1", "cividis", _COUNT,
                  "vision_count", "area: sum (vision embeddings in the cell)"),
     *(GridVariable(f"embedding_{c}",

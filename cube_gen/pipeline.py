@@ -1,18 +1,24 @@
-"""Run a recipe: read -> index -> derive -> encode -> write, on Dask.
+"""Run a recipe: read -> index -> derive -> encode -> write, on Dask, as stages.
 
-Stages, each resumable and each publishing its cube when complete:
-vision (Dask tasks that stream embeddings), species, observations, grid; the manifest
-``cubeset.json`` is written last. A cube already published by the same recipe is
-left as it is, so re-running a finished recipe changes nothing.
+A :class:`Stage` writes its cubes into the target's staging area; one runner
+(:func:`run_recipe`) owns staging, done markers (a resumed run skips finished stages)
+and publishing: every build becomes a new immutable version of the cube set
+(:mod:`cube_gen.release`), made current by one atomic write of ``cubeset.json``.
+Built-in stages: vision (Dask tasks that stream embeddings), species, observations,
+grid; other modules add theirs with :func:`register_stage`. Re-running a recipe over
+an unchanged source changes nothing; embeddings whose content digest the current
+release holds are reused (:mod:`cube_gen.incremental`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import math
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,9 +31,19 @@ from . import derive as D
 from . import schema as S
 from . import source_layout as L
 from .encode import dataset_from_spec, encoding_for, open_staged_template, write_dataset
+from .errors import CubeError
+from .incremental import (
+    reuse_vision,
+    reused_images,
+    row_digests,
+    source_digest,
+    source_files,
+    vision_config_key,
+)
 from .index import chunk_extents, order_images, order_observations, species_table
 from .reader import SourceDataset
 from .recipe import Recipe
+from .release import Resolved, publish, resolve
 from .store import Target, zarr_store
 from .vision_stage import finished_parts, load_parts, plan_tasks, run_task
 
@@ -79,38 +95,6 @@ def _cube_attrs(recipe: Recipe, cube: str, extra: dict | None = None) -> dict:
     return {k: v for k, v in attrs.items() if v != ""}
 
 
-def _done_marker(target: Target, cube: str) -> str:
-    return target.staging(f"{S.CUBE_PATHS[cube]}.done")
-
-
-def _mark_staged(target: Target, cube: str, fingerprint: str) -> None:
-    """Record that the staged cube is complete (written after its last byte)."""
-    target.write_json(_done_marker(target, cube), {"recipe": fingerprint})
-
-
-def _state(target: Target, cube: str, fingerprint: str) -> str:
-    """``published`` (final path, this recipe), ``staged`` (complete in staging) or ``todo``."""
-    if _published(target, cube, fingerprint):
-        return "published"
-    marker = target.read_json(_done_marker(target, cube))
-    if marker and marker.get("recipe") == fingerprint and target.fs.exists(
-            target.staging(S.CUBE_PATHS[cube])):
-        return "staged"
-    return "todo"
-
-
-def _published(target: Target, cube: str, fingerprint: str) -> bool:
-    path = target.path(S.CUBE_PATHS[cube])
-    if cube == S.GRID:
-        meta = target.read_json(f"{path}/0.zarr/zarr.json") or target.read_json(
-            f"{path}/0.zarr/.zattrs")
-        attrs = (meta or {}).get("attributes", meta or {})
-    else:
-        meta = target.read_json(f"{path}/zarr.json")
-        attrs = (meta or {}).get("attributes", {})
-    return attrs.get("deepearth_recipe") == fingerprint
-
-
 def _labels(names) -> np.ndarray:
     """String labels as variable-length strings (Zarr v3 has no fixed-width string spec)."""
     return np.asarray(list(names), dtype=object)
@@ -132,75 +116,213 @@ class _Stage:
             tqdm.write(f"[{self.name}] done in {seconds:.1f} s {note}")
 
 
-# -- the run -------------------------------------------------------------------------------
+# -- stages and the runner -----------------------------------------------------------------
+@dataclass
+class BuildContext:
+    """What a stage sees: the recipe, the target, the source tables, earlier results.
+
+    A stage writes only below :meth:`staging_url` / :meth:`staging_path` of its outputs.
+    """
+
+    recipe: Recipe
+    target: Target
+    fingerprint: str
+    progress: bool
+    tables: dict[str, Any]  # obs, images, species, bbox, source_files, row_digests
+    results: dict[str, Any] = field(default_factory=dict)
+    previous: Resolved | None = None  # the current release before this build
+
+    def staging_url(self, *parts: str) -> str:
+        return self.target.staging_url(*parts)
+
+    def staging_path(self, *parts: str) -> str:
+        return self.target.staging(*parts)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline, registered with :func:`register_stage`.
+
+    ``outputs``: cube paths it writes (or a function of the recipe giving them);
+    ``build(ctx)`` writes them into staging and returns a result kept in
+    ``ctx.results[name]``; ``reload(ctx)`` gives that result again when the stage is
+    skipped because its staged outputs are complete (a resumed run); ``needs``: stages
+    whose results it reads; ``enabled(recipe)``: whether the recipe asks for it.
+    """
+
+    name: str
+    outputs: tuple[str, ...] | Callable[[Recipe], tuple[str, ...]]
+    build: Callable[[BuildContext], Any]
+    needs: tuple[str, ...] = ()
+    reload: Callable[[BuildContext], Any] | None = None
+    enabled: Callable[[Recipe], bool] | None = None
+
+    def output_paths(self, recipe: Recipe) -> tuple[str, ...]:
+        out = self.outputs(recipe) if callable(self.outputs) else self.outputs
+        return tuple(out)
+
+
+STAGES: list[Stage] = []
+
+
+def register_stage(stage: Stage, after: str | None = None, before: str | None = None) -> Stage:
+    """Add (or replace, by name) a stage; ``after``/``before`` place it (default: last)."""
+    names = [s.name for s in STAGES]
+    if stage.name in names:
+        STAGES[names.index(stage.name)] = stage
+        return stage
+    if after is not None and after in names:
+        STAGES.insert(names.index(after) + 1, stage)
+    elif before is not None and before in names:
+        STAGES.insert(names.index(before), stage)
+    else:
+        STAGES.append(stage)
+    return stage
+
+
+RUN_MARKER = "run.json"
+
+
+def _marker(target: Target, output: str) -> str:
+    return target.staging(f"{output}.done")
+
+
+def _stage_done(target: Target, stage: Stage, outputs: tuple[str, ...], run: dict) -> bool:
+    for out in outputs:
+        marker = target.read_json(_marker(target, out))
+        if marker != {**run, "stage": stage.name} or not target.fs.exists(target.staging(out)):
+            return False
+    return True
+
+
+def _current(target: Target) -> Resolved | None:
+    try:
+        res = resolve(target)
+    except CubeError:
+        return None
+    return res if res.version is not None else None
+
+
 def run_recipe(recipe: Recipe, progress: bool = True) -> str:
-    """Build (or finish building) the cube set of ``recipe``; returns the target URL."""
+    """Build (or finish building) the cube set of ``recipe``; returns the target URL.
+
+    Every build is published as a new immutable version (:mod:`cube_gen.release`);
+    re-running a recipe over an unchanged source changes nothing; embeddings whose
+    content digest the current release holds are reused, not recomputed.
+    """
+    _register_builtin_stages()
     target = Target(recipe.target["path"], recipe.target["storage_options"])
     fingerprint = recipe.fingerprint()
-    manifest = target.read_json(target.path(S.MANIFEST))
-    if manifest and manifest.get("recipe") == fingerprint and all(
-            _published(target, c, fingerprint) for c in S.CUBES):
-        if progress:
-            tqdm.write(f"cube set at {target.url} is up to date")
-        return target.url
-
-    # read and validate the whole source before touching the target
     STAGE_SECONDS.clear()
     stage = _Stage("read", progress)
     source = SourceDataset(recipe.source["path"], recipe.source["storage_options"])
+    previous = _current(target)
+    files = source_files(source, (previous.manifest.get("source_files")
+                                  if previous is not None else None))
+    digest = source_digest(files)
+    if previous is not None and previous.manifest.get("recipe") == fingerprint and \
+            previous.manifest.get("source_digest") == digest:
+        if progress:
+            tqdm.write(f"cube set at {target.url} is up to date (version {previous.version})")
+        return target.url
+
+    # read and validate the whole source before touching the target
     obs_raw = source.read_observations()
     vindex = source.read_vision_index(obs_raw)
     language = source.read_species_language()
     stage.done(f"({len(obs_raw)} observations, {len(vindex)} embeddings)")
-
     species = species_table(obs_raw, language)
     bbox = (float(obs_raw.longitude.min()), float(obs_raw.latitude.min()),
             float(obs_raw.longitude.max()), float(obs_raw.latitude.max()))
     obs = order_observations(obs_raw, species, bbox)
     images = order_images(vindex, obs)
+    digests = row_digests(images, files, recipe.cubes["vision"]["dtype"])
+    ctx = BuildContext(recipe, target, fingerprint, progress, {
+        "obs": obs, "images": images, "species": species, "bbox": bbox,
+        "source_files": files, "row_digests": digests}, previous=previous)
 
-    # Build every cube that is neither published nor staged by this recipe. Nothing at
-    # the final paths changes until all cubes are staged, so a source error found while
-    # streaming embeddings leaves a previously published cube set untouched.
-    state = {c: _state(target, c, fingerprint) for c in S.CUBES}
-    if state[S.VISION] == "todo":
-        pooled = build_vision(recipe, target, images, species, progress)
-    else:  # staged or published by an earlier run: read the pooled vectors back
-        vision_url = target.url_of(S.CUBE_PATHS[S.VISION]) if state[S.VISION] == "published" \
-            else target.staging_url(S.CUBE_PATHS[S.VISION])
-        pooled = xr.open_zarr(vision_url, storage_options=target.storage_options or None,
-                              consolidated=True)["pooled"].values
-    if state[S.SPECIES] == "todo":
-        build_species(recipe, target, species, images, progress)
-    if state[S.OBSERVATIONS] == "todo":
-        build_observations(recipe, target, obs, images, progress)
-    if state[S.GRID] == "todo":
-        build_grid(recipe, target, obs, images, pooled, species, progress)
+    # Staging belongs to one (recipe, source): anything else found there is stale.
+    run = {"recipe": fingerprint, "source": digest}
+    if target.read_json(target.staging(RUN_MARKER)) != run:
+        target.remove(target.staging())
+        target.write_json(target.staging(RUN_MARKER), run)
 
-    # Publish: the manifest goes first (the set is incomplete from here on) and comes back
-    # last; each cube moves into place whole.
-    target.remove(target.path(S.MANIFEST))
-    for cube in S.CUBES:
-        if _state(target, cube, fingerprint) == "staged":
-            name = S.CUBE_PATHS[cube]
-            target.publish(target.staging(name), target.path(name))
-            target.remove(_done_marker(target, cube))
-    target.write_json(target.path(S.MANIFEST), {
+    # Build every stage whose staged outputs are not complete. Nothing outside staging
+    # changes until all are, so a source error found late leaves the target untouched.
+    staged: list[str] = []
+    plan = [s for s in STAGES if s.enabled is None or s.enabled(recipe)]
+    needed = {n for s in plan for n in s.needs}
+    for st in plan:
+        outputs = st.output_paths(recipe)
+        if _stage_done(target, st, outputs, run):
+            if st.name in needed and st.reload is not None:
+                ctx.results[st.name] = st.reload(ctx)
+        else:
+            for out in outputs:
+                target.remove(_marker(target, out))
+            ctx.results[st.name] = st.build(ctx)
+            for out in outputs:
+                target.write_json(_marker(target, out), {**run, "stage": st.name})
+        staged.extend(outputs)
+
+    # Publish: a new version; one atomic write of cubeset.json makes it current.
+    t_pub = _Stage("publish", progress)
+    vision_cfg = recipe.cubes["vision"]
+    vid = publish(target, staged, {
         "recipe": fingerprint,
         "schema_version": S.SCHEMA_VERSION,
         "generator": f"deepearth-cube {__version__}",
-        "cubes": S.CUBE_PATHS,
+        "cubes": {c: p for c, p in S.CUBE_PATHS.items() if p in staged},
         "counts": {"observations": len(obs), "species": len(species), "images": len(images)},
         "bbox": bbox,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "parent": previous.version if previous is not None else None,
+        "stages": [s.name for s in plan],
+        "source_version": (source.read_json(L.DATASET_INFO_FILE) or {}).get("version"),
+        "source_digest": digest,
+        "source_files": files,
+        "vision_config": vision_config_key(vision_cfg),
+        "rows": {"vision": digests},
     })
     target.remove(target.staging())
+    t_pub.done(f"(version {vid})")
     return target.url
+
+
+def _reload_pooled(ctx: BuildContext) -> np.ndarray:
+    url = ctx.staging_url(S.CUBE_PATHS[S.VISION])
+    return xr.open_zarr(url, storage_options=ctx.target.storage_options or None,
+                        consolidated=True)["pooled"].values
+
+
+def _register_builtin_stages() -> None:
+    """The built-in stages, in order (other modules register theirs on import)."""
+    if any(s.name == "vision" for s in STAGES):
+        return
+    register_stage(Stage("vision", (S.CUBE_PATHS[S.VISION],), lambda c: build_vision(
+        c.recipe, c.target, c.tables["images"], c.tables["species"], c.progress, ctx=c),
+        reload=_reload_pooled), before=STAGES[0].name if STAGES else None)
+    register_stage(Stage("species", (S.CUBE_PATHS[S.SPECIES],), lambda c: build_species(
+        c.recipe, c.target, c.tables["species"], c.tables["images"], c.progress)),
+        after="vision")
+    register_stage(Stage("observations", (S.CUBE_PATHS[S.OBSERVATIONS],),
+                         lambda c: build_observations(c.recipe, c.target, c.tables["obs"],
+                                                      c.tables["images"], c.progress)),
+                   after="species")
+    register_stage(Stage("grid", _grid_outputs, lambda c: build_grid(
+        c.recipe, c.target, c.tables["obs"], c.tables["images"], c.results["vision"],
+        c.tables["species"], c.progress), needs=("vision",)), after="observations")
+
+
+def _grid_outputs(recipe: Recipe) -> tuple[str, ...]:
+    from .grid import enabled_datasets
+
+    return tuple(S.CUBE_PATHS[d.cube] for d in enabled_datasets(recipe.cubes["grid"]))
 
 
 # -- vision --------------------------------------------------------------------------------
 def build_vision(recipe: Recipe, target: Target, images: pd.DataFrame, species: pd.DataFrame,
-                 progress: bool) -> np.ndarray:
+                 progress: bool, ctx: BuildContext | None = None) -> np.ndarray:
     stage = _Stage("vision", progress)
     cfg = recipe.cubes["vision"]
     fingerprint = recipe.fingerprint()
@@ -213,7 +335,6 @@ def build_vision(recipe: Recipe, target: Target, images: pd.DataFrame, species: 
     # (re)create the staged template unless it belongs to this recipe
     template = open_staged_template(staged_url, target.storage_options)
     if template is None or template.attrs.get("deepearth_recipe") != fingerprint:
-        target.remove(_done_marker(target, S.VISION))
         target.remove(target.staging(name))
         target.remove(target.staging("vision.parts"))
         coords = {
@@ -254,8 +375,16 @@ def build_vision(recipe: Recipe, target: Target, images: pd.DataFrame, species: 
         write_dataset(ds, staged_url, target.storage_options, enc, cfg["zarr_format"],
                       compute=False)
 
+    # embeddings unchanged since the current release are taken from it, not recomputed
+    reused = np.zeros(n, bool)
+    if ctx is not None:
+        reused = reused_images(parts_url, target, n)
+        if reused is None:
+            reused = reuse_vision(ctx.previous, target, staged_url, parts_url,
+                                  ctx.tables["row_digests"], cfg)
+
     # Dask tasks: stream the embeddings into the staged cube
-    tasks = plan_tasks(images, cfg["batch_size"], shard)
+    tasks = plan_tasks(images[~reused], cfg["batch_size"], shard)
     done = finished_parts(parts_url, target.storage_options)
     todo = [t for t in tasks if t.name not in done]
     args = (recipe.source["path"], recipe.source["storage_options"], staged_url,
@@ -294,7 +423,6 @@ def build_vision(recipe: Recipe, target: Target, images: pd.DataFrame, species: 
     group["umap_rgb"].attrs["computed"] = bool(cfg["umap_rgb"])
     group.attrs["deepearth_status"] = "complete"
     zarr.consolidate_metadata(group.store)
-    _mark_staged(target, S.VISION, fingerprint)
     target.remove(target.staging("vision.parts"))
     stage.done(f"({n} embeddings)")
     return pooled
@@ -382,114 +510,18 @@ def build_observations(recipe: Recipe, target: Target, obs: pd.DataFrame, images
 def _write_staged(recipe: Recipe, target: Target, cube: str, ds: xr.Dataset, enc: dict,
                   cfg: dict) -> None:
     name = S.CUBE_PATHS[cube]
-    target.remove(_done_marker(target, cube))
     target.remove(target.staging(name))
     write_dataset(ds, target.staging_url(name), target.storage_options, enc, cfg["zarr_format"])
-    _mark_staged(target, cube, recipe.fingerprint())
 
 
 # -- grid ----------------------------------------------------------------------------------
-def grid_levels(ny: int, nx: int, tile: int) -> int:
-    return 1 + max(0, math.ceil(math.log2(max(ny, nx) / tile))) if max(ny, nx) > tile else 1
-
-
 def build_grid(recipe: Recipe, target: Target, obs: pd.DataFrame, images: pd.DataFrame,
                pooled: np.ndarray, species: pd.DataFrame, progress: bool) -> None:
+    """The grid pyramids (:func:`cube_gen.grid.build_grids`), staged with done markers."""
+    from .grid import build_grids
+
     stage = _Stage("grid", progress)
-    cfg = recipe.cubes["grid"]
-    res = float(cfg["resolution"])
-    tile = cfg["tile_size"]
-    if cfg["bbox"]:
-        bbox = tuple(cfg["bbox"])
-    else:
-        bbox = (float(obs.longitude.min()), float(obs.latitude.min()),
-                float(obs.longitude.max()), float(obs.latitude.max()))
-    lat0, lon0, _ = D.grid_axes(bbox, res)
-    num_levels = grid_levels(len(lat0), len(lon0), tile)
-    # pad level 0 so that every level halves exactly
-    m = 1 << (num_levels - 1)
-    w, n_edge = lon0[0] - res / 2, lat0[0] + res / 2
-    nx = -(-len(lon0) // m) * m
-    ny = -(-len(lat0) // m) * m
-    bins = D.time_bins(obs.time.to_numpy(), cfg["period"])
-    variables = cfg["variables"]
-    rgb = D.rgb_components(pooled) if "embedding_rgb" in variables else None
-    counts_all = obs.groupby("species_index").size().sort_values(ascending=False, kind="stable")
-    top = list(counts_all.index[: cfg["top_species"]])
-    name = S.CUBE_PATHS[S.GRID]
-    staged = target.staging(name)
-    target.remove(_done_marker(target, S.GRID))
-    target.remove(staged)
-    target.fs.mkdirs(staged, exist_ok=True)
-    target.write_json(f"{staged}/.zlevels", {
-        "version": "1.0", "num_levels": num_levels, "tile_size": [tile, tile],
-        "agg_methods": {"observation_count": "sum", "vision_count": "sum"},
-    })
-    for level in range(num_levels):
-        r = res * (1 << level)
-        lx, ly = nx >> level, ny >> level
-        lon = np.round(w + (np.arange(lx) + 0.5) * r, 10)
-        lat = np.round(n_edge - (np.arange(ly) + 0.5) * r, 10)
-        agg = D.grid_aggregates(obs.latitude.to_numpy(), obs.longitude.to_numpy(),
-                                obs.time.to_numpy(), obs.species_index.to_numpy(), bins, lat, lon, r)
-        ok, cell = agg.pop("_cell")
-        size = len(bins) * ly * lx
-        shape = (len(bins), ly, lx)
-        layers = {k: agg[k] for k in ("observation_count", "species_richness", "shannon_diversity")
-                  if k in variables}
-        vis = D.grid_aggregates(images.lat.to_numpy(), images.lon.to_numpy(), images.time.to_numpy(),
-                                images.species_index.to_numpy(), bins, lat, lon, r)
-        vok, vcell = vis.pop("_cell")
-        if "vision_count" in variables:
-            layers["vision_count"] = vis["observation_count"]
-        if rgb is not None:
-            for i, c in enumerate(S.RGB):
-                layers[f"embedding_{c}"] = D.grid_mean(vok, vcell, rgb[:, i], size).reshape(shape)
-        sp = obs.species_index.to_numpy()
-        for s_idx in top:
-            sel = sp[ok] == s_idx
-            layers[S.TOP_SPECIES_PREFIX + S.species_slug(species.taxon_name.iat[s_idx])] = \
-                np.bincount(cell[sel], minlength=size).astype(np.float32).reshape(shape)
-        ds = xr.Dataset(
-            {k: (("time", "lat", "lon"), v) for k, v in layers.items()},
-            coords={"time": bins.values, "lat": lat, "lon": lon},
-        )
-        for k in ds.data_vars:
-            spec = S.GRID_VARS.get(k)
-            if spec is not None:
-                ds[k].attrs.update(spec.attrs)
-            else:
-                s_name = k[len(S.TOP_SPECIES_PREFIX):]
-                full = next(t for t in species.taxon_name if S.species_slug(t) == s_name)
-                ds[k].attrs.update({"long_name": f"observations of {full}", "units": "1",
-                                    "taxon_name": full, "color_value_max": 10.0})
-        ds["lat"].attrs.update(S.LAT_ATTRS)
-        ds["lon"].attrs.update(S.LON_ATTRS)
-        ds["time"].attrs.update({"long_name": "start of period", "standard_name": "time"})
-        ds = _with_bounds(ds, r, bins, cfg["period"])
-        ds.attrs.update(_cube_attrs(recipe, S.GRID, {
-            "level": level, "num_levels": num_levels, "spatial_res": r, "time_period": cfg["period"],
-            "geospatial_lon_min": float(w), "geospatial_lon_max": float(w + nx * res),
-            "geospatial_lat_min": float(n_edge - ny * res), "geospatial_lat_max": float(n_edge),
-            "top_species": [species.taxon_name.iat[s] for s in top],
-        }))
-        chunks = {k: (1, min(tile, ly), min(tile, lx)) for k in ds.data_vars if k in layers}
-        enc = encoding_for(ds, {}, cfg, chunks)
-        write_dataset(ds, target.staging_url(name, f"{level}.zarr"), target.storage_options, enc,
-                      cfg["zarr_format"])
-    _mark_staged(target, S.GRID, recipe.fingerprint())
-    stage.done(f"({num_levels} levels, {len(bins)} time steps, {nx} x {ny} cells at level 0)")
-
-
-def _with_bounds(ds: xr.Dataset, res: float, bins: pd.DatetimeIndex, period: str) -> xr.Dataset:
-    lat, lon = ds.lat.values, ds.lon.values
-    ends = (bins + pd.tseries.frequencies.to_offset(period)).values
-    ds = ds.assign_coords(
-        lat_bnds=(("lat", "bnds"), np.stack([lat + res / 2, lat - res / 2], axis=1)),
-        lon_bnds=(("lon", "bnds"), np.stack([lon - res / 2, lon + res / 2], axis=1)),
-        time_bnds=(("time", "bnds"), np.stack([bins.values, ends], axis=1)),
-    )
-    ds["lat"].attrs["bounds"] = "lat_bnds"
-    ds["lon"].attrs["bounds"] = "lon_bnds"
-    ds["time"].attrs["bounds"] = "time_bnds"
-    return ds
+    notes: list[str] = []
+    build_grids(recipe.cubes["grid"], obs, images, pooled, species,
+                _cube_attrs(recipe, S.GRID), target, notes.append)
+    stage.done("(" + "; ".join(notes) + ")")

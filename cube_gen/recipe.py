@@ -90,6 +90,12 @@ def _scheduler(v):
     return "expected local, synchronous, threads or a scheduler address like tcp://host:8786"
 
 
+def _grid_switches() -> list[str]:
+    from .grid_variables import switches
+
+    return switches()
+
+
 def _grid_vars(v):
     from .grid_variables import switches
 
@@ -136,15 +142,23 @@ RECIPE_SCHEMA: dict[str, Any] = {
         "grid": {
             **_ENCODING,
             "zarr_format": (int, 2, _zarr_format, "Zarr format of the pyramid levels"),
-            "resolution": ((int, float), 0.0025, _resolution, "cell size in degrees"),
+            "resolution": ((int, float), 0.02, _resolution,
+                           "finest cell size in degrees of the per-period and month-of-year "
+                           "pyramids"),
+            "all_years_resolution": ((int, float, type(None)), None,
+                                     lambda v: None if v is None else _resolution(v),
+                                     "finest cell size of the all-years and species pyramids "
+                                     "(null: resolution / 2)"),
+            "num_levels": (int, 6, lambda v: None if isinstance(v, int) and 1 <= v <= 12
+                           else "expected an integer in [1, 12]", "levels of each pyramid"),
+            "min_observations": (int, 5, _positive_int,
+                                 "observations a cell needs for richness and diversity"),
             "period": (str, "1YS", _period, "time step (pandas alias)"),
             "bbox": ((list, type(None)), None, _bbox, "[west, south, east, north] or null"),
             "tile_size": (int, 256, _positive_int, "tile size of the pyramid"),
             "top_species": (int, 5, lambda v: None if isinstance(v, int) and 0 <= v <= 50
                             else "expected an integer in [0, 50]", "species count layers"),
-            "variables": (list, ["observation_count", "species_richness", "shannon_diversity",
-                                 "vision_count", "embedding_rgb"], _grid_vars,
-                          "grid variables"),
+            "variables": (list, _grid_switches(), _grid_vars, "grid variables"),
         },
     },
     "metadata": {

@@ -26,13 +26,17 @@ MANIFEST = "cubeset.json"
 OBSERVATIONS = "observations"
 SPECIES = "species"
 VISION = "vision"
-GRID = "grid"
-CUBES = (OBSERVATIONS, SPECIES, VISION, GRID)
+GRID = "grid"  # per period (year)
+GRID_ALL_YEARS = "grid_all_years"
+GRID_MONTH_OF_YEAR = "grid_month_of_year"
+GRID_SPECIES = "grid_species"
+GRID_CUBES = (GRID, GRID_ALL_YEARS, GRID_MONTH_OF_YEAR, GRID_SPECIES)  # .levels pyramids
+CUBES = (OBSERVATIONS, SPECIES, VISION, *GRID_CUBES)
 CUBE_PATHS = {
     OBSERVATIONS: "observations.zarr",
     SPECIES: "species.zarr",
     VISION: "vision.zarr",
-    GRID: "grid.levels",
+    **{g: f"{g}.levels" for g in GRID_CUBES},
 }
 
 SPLIT_CODES = {name: i for i, name in enumerate(L.SPLITS)}  # train 0, temporal_test 1

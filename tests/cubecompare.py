@@ -17,9 +17,18 @@ def _clean(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
+def cube_url(url: str, cube: str, storage_options=None) -> str:
+    """URL of a cube in the current version of the cube set at ``url``."""
+    from cube_gen.release import resolve
+    from cube_gen.store import Target
+
+    prefix = resolve(Target(url, storage_options)).prefix
+    return "/".join([url.rstrip("/"), *prefix, S.CUBE_PATHS[cube]])
+
+
 def open_cube(url: str, cube: str, level: int = 0, storage_options=None) -> xr.Dataset:
-    path = f"{url}/{S.CUBE_PATHS[cube]}"
-    if cube == S.GRID:
+    path = cube_url(url, cube, storage_options)
+    if cube in S.GRID_CUBES:
         path = f"{path}/{level}.zarr"
     return xr.open_zarr(path, consolidated=True, storage_options=storage_options)
 
@@ -27,7 +36,7 @@ def open_cube(url: str, cube: str, level: int = 0, storage_options=None) -> xr.D
 def assert_cubesets_equal(a: str, b: str, a_options=None, b_options=None) -> None:
     """Every variable, coordinate and (non-volatile) attribute of every cube is equal."""
     for cube in S.CUBES:
-        levels = [0, 1] if cube == S.GRID else [0]
+        levels = [0, 1] if cube in S.GRID_CUBES else [0]
         for level in levels:
             x = _clean(open_cube(a, cube, level, a_options)).load()
             y = _clean(open_cube(b, cube, level, b_options)).load()
