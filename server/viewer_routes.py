@@ -25,6 +25,7 @@ from typing import Any
 from xcube.constants import LOG
 from xcube.server.api import Api, ApiContext, ApiHandler, Context
 
+from .viewer_loop import MAX_PICK_RADIUS_M, DotFilter, FilterError, pick, warm_time_indexes
 from .viewer_setup import PointTiles, observation_place_group, vision_place_group
 
 API_NAME = "deepearth-viewer"
@@ -32,6 +33,7 @@ URL_PREFIX = "/explore"
 PAGES_DIR = Path(__file__).resolve().parent / "static" / "viewer"
 MAX_ZOOM = 22
 TILE_CACHE = 2048  # PNG tiles kept (a few MB)
+MASK_CACHE = 64  # dot filters kept (one bool per observation each)
 
 def _dataset_ids(config) -> list[str]:
     """Identifiers of the datasets configured directly or in data stores."""
@@ -66,19 +68,26 @@ class ViewerSupportContext(ApiContext):
         self.place_groups: list[dict[str, Any]] = []
         self.tiles: PointTiles | None = None
         self.error: str | None = None
-        self._pngs: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
+        self._pngs: OrderedDict[tuple, bytes] = OrderedDict()
+        self._masks: OrderedDict[DotFilter, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self.cubeset = None
 
     def on_update(self, prev_context: Context | None):
         deepearth = self.get_api_ctx("deepearth")
         places = self.get_api_ctx("places")
         ids = _dataset_ids(self.config)
+        datasets = self.get_api_ctx("datasets")
+        if datasets is not None and ids:
+            n = warm_time_indexes(datasets, ids)
+            LOG.info(f"DeepEarth viewer: {n} dataset indexes built before serving")
         if deepearth is None or places is None or not ids:
             return
         try:
             cs = deepearth.service.cs
             self.place_groups = [observation_place_group(cs), vision_place_group(cs)]
             self.tiles = PointTiles.of(cs)
+            self.cubeset = cs
         except Exception as exc:  # noqa: BLE001 - the viewer still works without the points
             self.error = f"{type(exc).__name__}: {exc}"
             LOG.warning(f"DeepEarth viewer: no observations place group ({self.error})")
@@ -91,15 +100,31 @@ class ViewerSupportContext(ApiContext):
                      f"({len(group['features'])} observations) of {', '.join(ids)}")
 
 
-    def tile_png(self, z: int, x: int, y: int) -> bytes:
+    def dot_mask(self, f: DotFilter):
+        """The observations mask of a dot filter (None: all; cached per filter)."""
+        if f.is_empty or self.cubeset is None:
+            return None
+        with self._lock:
+            if f in self._masks:
+                self._masks.move_to_end(f)
+                return self._masks[f]
+        mask = f.mask(self.cubeset)
+        with self._lock:
+            self._masks[f] = mask
+            while len(self._masks) > MASK_CACHE:
+                self._masks.popitem(last=False)
+        return mask
+
+    def tile_png(self, z: int, x: int, y: int, f: DotFilter | None = None) -> bytes:
         """The observations tile (z, x, y) as PNG (cached; empty without a cube set)."""
-        key = (z, x, y)
+        f = f or DotFilter()
+        key = (z, x, y, f)
         with self._lock:
             if key in self._pngs:
                 self._pngs.move_to_end(key)
                 return self._pngs[key]
         tiles = self.tiles or PointTiles([], [], [])
-        png = tiles.png(z, x, y)
+        png = tiles.png(z, x, y, self.dot_mask(f))
         with self._lock:
             self._pngs[key] = png
             while len(self._pngs) > TILE_CACHE:
@@ -149,8 +174,60 @@ class ObservationTilesHandler(ApiHandler[ViewerSupportContext]):
                                  b'/explore/observations/{z}/{x}/{y} with 0 <= z <= 22 and '
                                  b'0 <= x, y < 2**z"}}')
             return
-        png = await self.ctx.run_in_executor(None, self.ctx.tile_png, zi, xi, yi)
+        try:
+            f = DotFilter.from_query(self.request.query)
+        except FilterError as exc:
+            _json_error(self, 400, str(exc), exc.parameter)
+            return
+        png = await self.ctx.run_in_executor(None, self.ctx.tile_png, zi, xi, yi, f)
         self.response.set_header("Content-Type", "image/png")
         self.response.set_header("Cache-Control", "public, max-age=3600")
         self.response.finish(png)
 
+
+
+def _json_error(handler, status: int, message: str, parameter: str | None = None) -> None:
+    import json
+
+    err: dict[str, Any] = {"status_code": status, "message": message}
+    if parameter:
+        err["parameter"] = parameter
+    handler.response.set_status(status)
+    handler.response.set_header("Content-Type", "application/json")
+    handler.response.finish(json.dumps({"error": err}).encode())
+
+
+@api.route(URL_PREFIX + "/pick")
+class PickHandler(ApiHandler[ViewerSupportContext]):
+    @api.operation(operation_id="deepearthPick",
+                   summary="The observation nearest to a map click (lon, lat, radius_m), "
+                           "among those the dot filters keep (taxa, months, hours, year, time)")
+    async def get(self):
+        q = self.request.query
+        try:
+            lon = float(q["lon"][0])
+            lat = float(q["lat"][0])
+            radius = float(q.get("radius_m", ["500"])[0])
+            if not (-180 <= lon <= 180 and -90 <= lat <= 90 and 0 < radius <= MAX_PICK_RADIUS_M):
+                raise ValueError
+        except (KeyError, IndexError, ValueError):
+            _json_error(self, 400, "expected lon in -180..180, lat in -90..90 and radius_m in "
+                        f"(0, {MAX_PICK_RADIUS_M:g}] metres")
+            return
+        try:
+            f = DotFilter.from_query(q)
+        except FilterError as exc:
+            _json_error(self, 400, str(exc), exc.parameter)
+            return
+        if self.ctx.cubeset is None:
+            _json_error(self, 503, f"no cube set: {self.ctx.error or 'not loaded'}")
+            return
+
+        def work():
+            return pick(self.ctx.cubeset, lon, lat, radius, self.ctx.dot_mask(f))
+
+        result = await self.ctx.run_in_executor(None, work)
+        self.response.set_header("Content-Type", "application/json")
+        import json
+
+        self.response.finish(json.dumps(result).encode())

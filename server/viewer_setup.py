@@ -39,7 +39,8 @@ PLACE_ID_PREFIX = "obs-"
 DIST_FOLDER = ".dist"
 OVERLAY_FOLDER = "dist-overlay"
 INIT_SCRIPT = "deepearth-init.js"
-_PATCH_VERSION = "1"  # bump when the index.html patch below changes
+APP_SCRIPT = "deepearth-app.js"  # the exploration loop (needs the bundle hooks, viewer_bundle)
+_PATCH_VERSION = "2"  # bump when the index.html or bundle patches change
 
 
 # -- the server config ---------------------------------------------------------------------
@@ -127,7 +128,9 @@ def tune_styles(config: dict[str, Any], grid) -> None:
     for style in config.get("Styles", []) or []:
         for name, mapping in (style.get("ColorMappings") or {}).items():
             if ("ColorBar" not in mapping or name not in grid.data_vars
-                    or name.startswith("embedding_")):  # composites: keep [0, 1]
+                    or name.startswith("embedding_")  # composites: keep [0, 1]
+                    # fitted at build time (cube_gen.grid_variables): keep
+                    or str(mapping["ColorBar"]).startswith("deepearth_")):
                 continue
             is_count = name in COUNT_VARIABLES or name.startswith(S.TOP_SPECIES_PREFIX)
             vmax = fitted_vmax(grid[name].values, integer=is_count)
@@ -154,7 +157,10 @@ def _overlay_files(overlay: Path) -> list[Path]:
 
 def _dist_key(bundle: Path, overlay: Path, extra: list[Path]) -> str:
     """Hash of everything the prepared copy is made from (bundle index, overlay, logos)."""
+    from .viewer_bundle import HOOKS
+
     h = hashlib.sha256(_PATCH_VERSION.encode())
+    h.update(repr(HOOKS).encode())
     h.update((bundle / "index.html").read_bytes())
     h.update(str(sorted(os.listdir(bundle / "assets"))).encode())
     for path in [*_overlay_files(overlay), *extra]:
@@ -163,13 +169,16 @@ def _dist_key(bundle: Path, overlay: Path, extra: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def patch_index_html(html: str, title: str = "DeepEarth Cube") -> str:
-    """The bundled ``index.html`` with our title, icon and start script (runs first)."""
+def patch_index_html(html: str, title: str = "DeepEarth Cube", app: bool = True) -> str:
+    """The bundled ``index.html`` with our title, icon and start scripts (run first;
+    ``app``: also the exploration loop, which needs the patched bundle)."""
     if INIT_SCRIPT in html:
         return html
     html = html.replace("<title>xcube Viewer</title>", f"<title>{title}</title>", 1)
     html = html.replace('href="./images/favicon.ico"', 'href="./images/deepearth-logo.png"', 1)
     script = f'<script src="./{INIT_SCRIPT}"></script>'
+    if app:
+        script += f'\n    <script src="./{APP_SCRIPT}"></script>'
     if "<head>" not in html:
         raise ValueError("the bundled viewer's index.html has no <head> element")
     return html.replace("<head>", f"<head>\n    {script}", 1)
@@ -203,8 +212,18 @@ def prepare_viewer_dist(viewer: Path, bundle: Path | None = None) -> Path | None
             shutil.copyfile(src, dst)
         for logo in logos:
             shutil.copyfile(logo, build / "images" / logo.name)
+        from .viewer_bundle import BundlePatchError, patch_bundle
+
+        try:
+            patch_bundle(build)
+            app = True
+        except BundlePatchError as exc:
+            LOG.warning("DeepEarth viewer: %s; serving the stock viewer (panels work, map "
+                        "selection from panels, URL state and filters on the dots do not)", exc)
+            app = False
         index = build / "index.html"
-        index.write_text(patch_index_html(index.read_text(encoding="utf-8")), encoding="utf-8")
+        index.write_text(patch_index_html(index.read_text(encoding="utf-8"), app=app),
+                         encoding="utf-8")
         try:
             os.rename(build, target)
         except OSError:  # another process finished first: use its copy
@@ -362,12 +381,14 @@ class PointTiles:
             self._empty = _png(Image.new("RGBA", (TILE_SIZE, TILE_SIZE), (0, 0, 0, 0)))
         return self._empty
 
-    def png(self, z: int, x: int, y: int) -> bytes:
-        """The tile (z, x, y) as PNG bytes."""
+    def png(self, z: int, x: int, y: int, keep: np.ndarray | None = None) -> bytes:
+        """The tile (z, x, y) as PNG bytes (``keep``: a mask of the points to draw)."""
         from PIL import Image, ImageDraw
 
         r = dot_radius(z)
         hits = self.points_in(z, x, y, margin_px=r + 1)
+        if keep is not None:
+            hits = hits[keep[hits]]
         if len(hits) == 0:
             return self.empty_png()
         k = _SUPERSAMPLE
