@@ -9,8 +9,6 @@ and plain values and return numpy arrays or JSON-ready dicts.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any
 
 import numpy as np
@@ -18,50 +16,25 @@ import pandas as pd
 
 from . import schema as S
 from .access import SPLIT_NAMES, CubeSet, Query
-from .errors import NotFoundError
 from .timeparse import PRECISION_CODES
-
-_memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_memo_lock = threading.Lock()
 
 
 def _memoised(cs: CubeSet, key: str, make):
-    """Per-cube-set memo of small derived arrays (unit vectors, columns)."""
-    with _memo_lock:
-        slot = _memo.setdefault(cs, {})
-        if key in slot:
-            return slot[key]
-    value = make()
-    with _memo_lock:
-        return slot.setdefault(key, value)
+    """Per-cube-set memo of small derived arrays (owned and cleared by the cube set)."""
+    return cs.memo(("analysis", key), make)
 
 
 def is_empty(query: Query | None) -> bool:
-    return query is None or query == Query()
+    return query is None or query.is_empty
 
 
 # -- species lookup ------------------------------------------------------------------------
 def resolve_species(cs: CubeSet, token: str | int) -> int:
     """Species index of a taxon id, scientific name or name slug (case-insensitive).
 
-    Raises :class:`NotFoundError` when nothing matches.
+    The one resolver is :meth:`CubeSet.species_index`; raises :class:`NotFoundError`.
     """
-    table = cs.species_table()
-
-    def make():
-        lookup: dict[str, int] = {}
-        for i, (tid, name) in enumerate(zip(table.taxon_id, table.taxon_name, strict=True)):
-            lookup.setdefault(str(tid).lower(), i)
-            lookup.setdefault(str(name).lower(), i)
-            lookup.setdefault(S.species_slug(str(name)), i)
-        return lookup
-
-    key = str(token).strip().lower()
-    hit = _memoised(cs, "species_lookup", make).get(key)
-    if hit is None:
-        raise NotFoundError(f"no species {str(token)!r} (give a taxon id, a scientific name "
-                            "or its slug, e.g. 'quercus_virginiana')")
-    return int(hit)
+    return cs.species_index(token)
 
 
 def species_record(cs: CubeSet, index: int) -> dict[str, Any]:
@@ -265,16 +238,8 @@ def region_statistics(cs: CubeSet, query: Query | None = None) -> dict[str, Any]
 
 
 def query_dict(q: Query | None) -> dict[str, Any]:
-    """A JSON-ready echo of a query."""
-    q = q or Query()
-    return {
-        "bbox": None if q.bbox is None else list(q.bbox),
-        "start": None if q.start is None else pd.Timestamp(q.start).isoformat(),
-        "end": None if q.end is None else pd.Timestamp(q.end).isoformat(),
-        "species": None if q.species is None else list(q.species),
-        "split": q.split,
-        "has_vision": q.has_vision,
-    }
+    """A JSON-ready echo of a query (:meth:`Query.to_dict`)."""
+    return (q or Query()).to_dict()
 
 
 # -- projections ---------------------------------------------------------------------------

@@ -24,7 +24,8 @@ class Target:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.fs, self.root = fsspec.core.url_to_fs(
+            self.url, **with_timeouts(self.url, self.storage_options))
         self.is_local = "file" in _protocols(self.fs)
 
     def path(self, *parts: str) -> str:
@@ -104,5 +105,45 @@ def zarr_store(url: str, storage_options: dict[str, Any] | None = None, read_onl
     if "://" not in url or url.startswith("file://"):
         path = url[len("file://"):] if url.startswith("file://") else url
         return LocalStore(path, read_only=read_only)
-    return FsspecStore.from_url(url, storage_options=dict(storage_options or {}),
+    return FsspecStore.from_url(url, storage_options=with_timeouts(url, storage_options),
                                 read_only=read_only)
+
+
+_UNAVAILABLE_NAMES = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+    "ConnectionClosedError", "ClientConnectorError", "ServerDisconnectedError",
+    "ServerTimeoutError", "ClientOSError", "ProxyConnectionError",
+}
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` (or its cause) says the storage could not be reached in time."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ConnectionError | TimeoutError):
+            return True
+        if type(exc).__name__ in _UNAVAILABLE_NAMES:
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+# Object-store calls fail within seconds instead of hanging on a frozen store.
+S3_TIMEOUTS = {"connect_timeout": 3, "read_timeout": 5, "retries": {"max_attempts": 2,
+                                                                      "mode": "standard"}}
+
+
+def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` with connect/read timeouts for ``s3://`` URLs (user values win).
+
+    Override with ``config_kwargs`` (botocore ``Config``: ``connect_timeout``,
+    ``read_timeout``, ``retries``) in the storage options.
+    """
+    opts = dict(storage_options or {})
+    if not str(url).startswith(("s3://", "s3a://")):
+        return opts
+    config = {**S3_TIMEOUTS, **dict(opts.get("config_kwargs") or {})}
+    opts["config_kwargs"] = config
+    opts.setdefault("retries", 2)  # s3fs's own retry loop on top of botocore's
+    return opts

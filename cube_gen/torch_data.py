@@ -174,7 +174,7 @@ class _CubeSamples:
         self.time_format = time_format
         self.device = resolve_device(device)
         cs = self.cubes
-        n_frames = cs._features_array().shape[1]
+        n_frames = cs.features_array().shape[1]
         if features == "frame" and not 0 <= int(frame) < n_frames:
             raise ValueError(f"frame must be in [0, {n_frames}), got {frame}")
         self.frame = int(frame)
@@ -182,7 +182,7 @@ class _CubeSamples:
         selected = cs.select_images(query)
         if images is not None:
             images = np.asarray(images, dtype=np.int64).reshape(-1)
-            cs._check_images(images, len(cs.image_table()))
+            cs.check_images(images, len(cs.image_table()))
             selected = images[np.isin(images, selected)]
         self.positions = selected.astype(np.int64)
         table = cs.image_table().iloc[self.positions]
@@ -236,11 +236,11 @@ class _CubeSamples:
         pos = self.positions[ks]
         cs = self.cubes
         if self.features == "pooled":
-            shape = (len(pos), cs._features_array().shape[-1])
+            shape = (len(pos), cs.features_array().shape[-1])
         elif self.features == "frame":
-            shape = (len(pos), *cs._features_array().shape[2:])
+            shape = (len(pos), *cs.features_array().shape[2:])
         else:
-            shape = (len(pos), *cs._features_array().shape[1:])
+            shape = (len(pos), *cs.features_array().shape[1:])
         batch = _new_batch(shape, DTYPES[self.dtype], shared=get_worker_info() is not None)
         if self.features == "pooled":
             batch.numpy()[...] = cs.pooled(pos)

@@ -41,12 +41,45 @@ def tiny_recipe_data(source: Path, target: Path, **cubes) -> dict:
     return data
 
 
+def current_dir(cubes: Path) -> Path:
+    """The folder of the current version of a local cube set (``versions/<id>``)."""
+    import json
+
+    manifest = json.loads((Path(cubes) / "cubeset.json").read_text())
+    return Path(cubes) / "versions" / manifest["current"]
+
+
+def copy_cubes(src: Path, dst: Path) -> Path:
+    """A private copy of a local cube set (links to the current version kept as links)."""
+    import shutil
+
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def reinventory(cubes: Path) -> None:
+    """Record a deliberate in-place change of the current version in its release manifest
+    (tests that re-encode a cube; anything else changing a release is damage)."""
+    import json
+
+    from cube_gen.release import RELEASE, inventory
+    from cube_gen.store import Target
+
+    vdir = current_dir(cubes)
+    rel = json.loads((vdir / RELEASE).read_text())
+    target = Target(str(cubes))
+    parts = [p.name for p in vdir.iterdir() if p.is_dir()]
+    rel["files"] = inventory(target, str(vdir), parts)
+    (vdir / RELEASE).write_text(json.dumps(rel))
+
+
 @pytest.fixture(scope="session")
 def tiny_cubes(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The cube set built from ``tiny_source`` by the recipe engine, once per session.
 
-    Returns the cube set folder (observations.zarr, species.zarr, vision.zarr,
-    grid.levels, cubeset.json). Read-only: copy it before changing anything.
+    Returns the cube set folder (cubeset.json, versions/<id>/ with the cubes, and links
+    observations.zarr, species.zarr, vision.zarr, grid.levels, ... to the current version).
+    Read-only: copy it (:func:`copy_cubes`) before changing anything.
     """
     from cube_gen.pipeline import run_recipe
     from cube_gen.recipe import parse_recipe

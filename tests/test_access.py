@@ -7,6 +7,7 @@ source dataset read with :class:`cube_gen.reader.SourceDataset` (values, gbif_id
 from __future__ import annotations
 
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -15,10 +16,11 @@ import pandas as pd
 import pytest
 import xarray as xr
 import zarr
+from conftest import copy_cubes, current_dir, reinventory
 
 from cube_gen import schema as S
 from cube_gen.access import CubeSet, Query
-from cube_gen.errors import CubeError, NotFoundError
+from cube_gen.errors import ChunkCorrupt, ChunkMissing, NotFoundError
 from cube_gen.reader import SourceDataset
 from cube_gen.store import zarr_store
 
@@ -191,15 +193,21 @@ def test_lookups_and_not_found_messages(cs, img_table, obs_table):
         assert cs.obs_position(int(obs_table.gbif_id[k])) == k
         assert cs.observation(int(obs_table.gbif_id[k]))["gbif_id"] == int(obs_table.gbif_id[k])
     unknown = int(obs_table.gbif_id.max()) + 1
-    with pytest.raises(NotFoundError, match=f"no vision embedding for gbif_id {unknown}$"):
+    with pytest.raises(NotFoundError, match=f"no observation with gbif_id {unknown}$") as err:
         cs.image_position(unknown)
+    assert (err.value.parameter, err.value.value) == ("gbif_id", unknown)
+    no_vision = int(obs_table.gbif_id[~obs_table.gbif_id.isin(img_table.gbif_id)].iloc[0])
+    with pytest.raises(NotFoundError, match=f"observation {no_vision} has no vision embedding$"):
+        cs.image_position(no_vision)
     with pytest.raises(NotFoundError, match=f"no observation with gbif_id {unknown}$"):
         cs.obs_position(unknown)
     multi = img_table.gbif_id[img_table.image_number == 1]
     g = int(multi.iloc[0])
-    with pytest.raises(NotFoundError, match=rf"gbif_id {g} has no image 7 \(image numbers: 0, 1\)"):
+    with pytest.raises(NotFoundError, match=rf"observation {g} has no embedding for image 7 "
+                       r"\(image numbers: 0, 1\)") as err:
         cs.image_position(g, 7)
-    with pytest.raises(NotFoundError, match=rf"gbif_id {g} has no image 7"):
+    assert (err.value.parameter, err.value.allowed) == ("image_number", [0, 1])
+    with pytest.raises(NotFoundError, match=rf"observation {g} has no embedding for image 7"):
         cs.image_positions([int(img_table.gbif_id[0]), g], [0, 7])
     n = len(img_table)
     with pytest.raises(NotFoundError, match=rf"image position {n} is out of range \[0, {n}\)$"):
@@ -212,7 +220,7 @@ def test_lookups_and_not_found_messages(cs, img_table, obs_table):
 
 # -- feature reads ---------------------------------------------------------------------------
 def test_features_equal_the_source(cs, source_features):
-    assert cs._raw_layout() is not None  # the raw fast path applies to the default cube
+    assert cs.raw_layout() is not None  # the raw fast path applies to the default cube
     for (g, n), want in source_features.items():
         pos = cs.image_position(g, n)
         got = cs.features(pos)
@@ -224,7 +232,7 @@ def test_features_equal_the_source(cs, source_features):
         np.testing.assert_array_equal(cs.features(pos, frame=5), want[5])
         np.testing.assert_array_equal(cs.features(pos, "float32", frame=0), want[0].astype("f4"))
     # the raw path and zarr agree
-    arr = cs._features_array()
+    arr = cs.features_array()
     np.testing.assert_array_equal(cs.features(1), arr[1])
 
 
@@ -237,7 +245,7 @@ def test_features_into_a_preallocated_array(cs):
 
 
 def test_features_batch_keeps_the_order(cs):
-    n = cs._features_array().shape[0]
+    n = cs.features_array().shape[0]
     order = [3, 0, n - 1, 3, 1, 0]
     singles = {i: cs.features(i) for i in set(order)}
     got = cs.features_batch(order)
@@ -267,7 +275,7 @@ def test_cubeset_pickles_and_closes(cs):
     np.testing.assert_array_equal(other.features(0), cs.features(0))
     with CubeSet.open(cs.url) as c2:
         c2.features(0)
-        assert c2._raw_layout().maps.used > 0
+        assert c2.raw_layout().maps.used > 0
     assert not c2._cache  # closed: maps and tables dropped
     np.testing.assert_array_equal(c2.features(0), cs.features(0))  # and reopened on demand
 
@@ -275,14 +283,14 @@ def test_cubeset_pickles_and_closes(cs):
 # -- other encodings: sharded, compressed, Zarr v2, missing chunks, remote ---------------------
 def _reencode(src: Path, dst: Path, zarr_format: int = 3, **kw) -> np.ndarray:
     """A copy of the cube set whose vision features use another encoding; returns the data."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("grid.levels"))
-    (dst / "grid.levels").mkdir()
-    group = zarr.open_group(zarr_store(str(dst / "vision.zarr")), mode="r+")
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("grid*.levels"))
+    vision = current_dir(dst) / "vision.zarr"
+    group = zarr.open_group(zarr_store(str(vision)), mode="r+")
     data = group["features"][:]
     attrs = dict(group["features"].attrs)
     del group["features"]
     if zarr_format == 2:
-        arr = zarr.create_array(zarr_store(str(dst / "vision.zarr")), name="features",
+        arr = zarr.create_array(zarr_store(str(vision)), name="features",
                                 shape=data.shape, dtype=data.dtype, zarr_format=2,
                                 fill_value=np.nan, **kw)
     else:
@@ -292,7 +300,8 @@ def _reencode(src: Path, dst: Path, zarr_format: int = 3, **kw) -> np.ndarray:
     arr[:] = data
     arr.attrs.update(attrs)
     if zarr_format == 3:
-        zarr.consolidate_metadata(zarr_store(str(dst / "vision.zarr")))
+        zarr.consolidate_metadata(zarr_store(str(vision)))
+    reinventory(dst)
     return data
 
 
@@ -307,7 +316,7 @@ CHUNK = (1, 8, 24, 24, 1408)
 def test_other_encodings_read_the_same(tiny_cubes, tmp_path, name, kw, per_file):
     data = _reencode(tiny_cubes, tmp_path / name, **kw)
     cs = CubeSet.open(str(tmp_path / name))
-    layout = cs._raw_layout()
+    layout = cs.raw_layout()
     assert (layout.per_file if layout else None) == per_file
     np.testing.assert_array_equal(cs.features(5), data[5])
     np.testing.assert_array_equal(cs.features(2, "float32", frame=7), data[2, 7].astype("f4"))
@@ -317,21 +326,48 @@ def test_other_encodings_read_the_same(tiny_cubes, tmp_path, name, kw, per_file)
                                   data[order[:3]][:, 1].astype(np.float32))
 
 
-def test_missing_chunks_read_as_fill_value(tiny_cubes, tmp_path):
-    plain = tmp_path / "plain"
-    shutil.copytree(tiny_cubes, plain)
+def test_a_missing_chunk_is_an_error_naming_it_and_a_restored_one_reads_again(tiny_cubes,
+                                                                            tmp_path):
+    plain = copy_cubes(tiny_cubes, tmp_path / "plain")
     cs = CubeSet.open(str(plain))
-    (Path(cs._raw_chunk_path(2))).unlink()
-    assert np.isnan(cs.features(2)).all()
-    got = cs.features_batch([1, 2, 3])
-    assert np.isnan(got[1]).all()
-    np.testing.assert_array_equal(got[[0, 2]], cs.features_batch([1, 3]))
+    want = cs.features(2)
+    path = Path(cs.raw_chunk_path(2))
+    saved = path.read_bytes()
+    path.unlink()
+    key = "vision.zarr/features/c/2/0/0/0/0"
+    for read in (lambda: cs.features(2), lambda: cs.features_batch([1, 2, 3]),
+                 lambda: cs.features(2, frame=3), lambda: cs.vision.features[2].values):
+        with pytest.raises(ChunkMissing, match=re.escape(f"chunk {key} is missing")) as err:
+            read()
+        assert err.value.chunk == key and err.value.version == cs.version
+    path.write_bytes(saved)  # restored: read again, nothing cached from the failure
+    np.testing.assert_array_equal(cs.features(2), want)
+    np.testing.assert_array_equal(cs.features_batch([1, 2])[1], want)
 
+    # another array: an attention chunk, through zarr
+    att = current_dir(plain) / "vision.zarr" / "attention" / "c" / "1" / "0" / "0" / "0" / "0"
+    att.unlink()
+    with pytest.raises(ChunkMissing, match="vision.zarr/attention/c/1/0/0/0/0"):
+        cs.attention(1)
+    # the pooled vectors (read whole and cached): nothing cached when a chunk is missing
+    pooled = current_dir(plain) / "vision.zarr" / "pooled" / "c" / "0" / "0"
+    blob = pooled.read_bytes()
+    pooled.unlink()
+    cs.clear_caches()
+    with pytest.raises(ChunkMissing, match="vision.zarr/pooled/c/0/0"):
+        cs.pooled()
+    pooled.write_bytes(blob)
+    assert cs.pooled().shape == (6, 1408)
+
+
+def test_an_all_fill_inner_chunk_of_a_shard_reads_as_fill(tiny_cubes, tmp_path):
     sharded = tmp_path / "sharded"
     data = _reencode(tiny_cubes, sharded, chunks=CHUNK, shards=(4, 8, 24, 24, 1408),
                      compressors=None)
-    arr = zarr.open_array(zarr_store(str(sharded / "vision.zarr")), path="features", mode="r+")
-    arr[1] = np.nan  # an all-fill inner chunk is not written
+    vision = current_dir(sharded) / "vision.zarr"
+    arr = zarr.open_array(zarr_store(str(vision)), path="features", mode="r+")
+    arr[1] = np.nan  # an all-fill inner chunk is not written: the data is the fill value
+    reinventory(sharded)
     cs = CubeSet.open(str(sharded))
     got = cs.features_batch([0, 1, 2, 5])
     assert np.isnan(got[1]).all()
@@ -339,13 +375,16 @@ def test_missing_chunks_read_as_fill_value(tiny_cubes, tmp_path):
 
 
 def test_truncated_chunk_is_an_error(tiny_cubes, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_cubes, broken)
+    broken = copy_cubes(tiny_cubes, tmp_path / "broken")
     cs = CubeSet.open(str(broken))
-    path = Path(cs._raw_chunk_path(0))
+    path = Path(cs.raw_chunk_path(0))
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(CubeError, match="chunk data is truncated"):
+    with pytest.raises(ChunkCorrupt, match=r"chunk vision.zarr/features/c/0/0/0/0/0 is damaged"
+                       r".*chunk data is truncated"):
         cs.features(0)
+    # through zarr too (a remote-style read of the same chunk): the size differs from the manifest
+    with pytest.raises(ChunkCorrupt, match="vision.zarr/features/c/0/0/0/0/0"):
+        cs.features_array()[0]
 
 
 def test_remote_cubes_read_through_zarr(tiny_cubes, cs):
@@ -356,7 +395,7 @@ def test_remote_cubes_read_through_zarr(tiny_cubes, cs):
     fs.put(str(tiny_cubes), "/ml-remote", recursive=True)
     try:
         remote = CubeSet.open("memory://ml-remote")
-        assert remote._raw_layout() is None
+        assert remote.raw_layout() is None
         np.testing.assert_array_equal(remote.features(3), cs.features(3))
         order = [4, 0, 5, 4]
         np.testing.assert_array_equal(remote.features_batch(order), cs.features_batch(order))
