@@ -25,7 +25,7 @@ from pathlib import Path
 
 import requests
 
-from server.context import RESPONSE_BUFFER_BYTES
+from server.common.resources import RESPONSE_BUFFER_BYTES
 from server.launch import free_port, make_config, running, write_config
 from server.wmts import TILE_CACHE_BYTES
 

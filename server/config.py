@@ -76,3 +76,9 @@ DEEPEARTH_SCHEMA = JsonObjectSchema(
 CONFIG_SCHEMA = JsonObjectSchema(
     properties={SECTION: DEEPEARTH_SCHEMA},
 )
+
+
+def plain(value):
+    """xcube's frozen config values (FrozenDict/FrozenList) as plain dict/list."""
+    defrost = getattr(value, "defrost", None)
+    return defrost() if callable(defrost) else value

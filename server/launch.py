@@ -38,54 +38,70 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DATASET_ID = "grid"
 STYLE_ID = "deepearth"
 
-COLOR_BARS = {
-    "observation_count": "viridis",
-    "species_richness": "plasma",
-    "shannon_diversity": "magma",
-    "vision_count": "cividis",
-    "embedding_r": "Reds",
-    "embedding_g": "Greens",
-    "embedding_b": "Blues",
-}
-SPECIES_COLOR_BAR = "YlOrRd"
-VARIABLE_ORDER = ("observation_count", "species_richness", "shannon_diversity", "vision_count",
-                  "embedding_r", "embedding_g", "embedding_b")
+# The grid pyramids as xcube datasets, in the order the viewer lists them: it opens on the
+# first dataset's first variable (all-years species richness).
+DATASET_ORDER = (S.GRID_ALL_YEARS, S.GRID, S.GRID_MONTH_OF_YEAR, S.GRID_SPECIES)
+DATASET_TITLES = {S.GRID_ALL_YEARS: "all years", S.GRID: "per year",
+                  S.GRID_MONTH_OF_YEAR: "month of year (all years)",
+                  S.GRID_SPECIES: "species occurrence (all years)"}
 
 
-def _grid_variables(cubeset: str, storage_options: dict[str, Any] | None):
-    """``(title, [(name, color_value_max)])`` of the grid's level 0."""
+def _grid_datasets(cubeset: str, storage_options: dict[str, Any] | None):
+    """``[(cube, title, [(variable, attrs)])]`` of the grid pyramids in the cube set (level
+    0), variables in registry order (per-species layers last)."""
+    import xarray as xr
+
+    from cube_gen import grid_variables as G
     from cube_gen.access import CubeSet
 
     cs = CubeSet.open(cubeset, storage_options)
-    ds = cs.grid(0)
-    names = [v for v in VARIABLE_ORDER if v in ds.data_vars]
-    names += sorted(v for v in ds.data_vars
-                    if v.startswith(S.TOP_SPECIES_PREFIX) and v not in names)
-    names += sorted(v for v in ds.data_vars if v not in names and ds[v].ndim == 3)
+    base = str(cs.manifest.get("title") or "DeepEarth")
     out = []
-    for name in names:
-        vmax = ds[name].attrs.get("color_value_max")
-        if vmax is None:
-            vmax = S.GRID_VARS[name].attrs.get("color_value_max", 1.0) if name in S.GRID_VARS \
-                else 1.0
-        out.append((name, float(vmax)))
-    title = str(ds.attrs.get("title") or cs.manifest.get("title") or "DeepEarth grid")
-    return title, out
+    for cube in DATASET_ORDER:
+        try:
+            ds = xr.open_zarr(cs.zarr_store(cube, "0.zarr"), consolidated=True)
+        except Exception:  # noqa: BLE001 - a cube set without this pyramid (older builds)
+            if cube == S.GRID:
+                raise
+            continue
+        names = [v for v in G.ORDER if v in ds.data_vars]
+        names += sorted(v for v in ds.data_vars if v not in names and ds[v].ndim == 3)
+        title = str(ds.attrs.get("title") or f"{base} ({DATASET_TITLES[cube]})")
+        out.append((cube, title, [(n, dict(ds[n].attrs)) for n in names]))
+    return out
 
 
-def _style(variables: list[tuple[str, float]]) -> dict[str, Any]:
+def _style(cube: str, variables: list[tuple[str, dict]]) -> tuple[dict[str, Any], list[dict]]:
+    """The dataset's style (colour mappings from the grid-variable registry and the ranges
+    fitted at build time) and the custom colour maps it uses."""
+    from cube_gen import grid_variables as G
+
     mappings: dict[str, Any] = {}
-    for name, vmax in variables:
-        bar = COLOR_BARS.get(name, SPECIES_COLOR_BAR if name.startswith(S.TOP_SPECIES_PREFIX)
-                             else "viridis")
-        mappings[name] = {"ColorBar": bar, "ValueRange": [0.0, vmax]}
-    names = {n for n, _ in variables}
-    if {"embedding_r", "embedding_g", "embedding_b"} <= names:
+    customs: list[dict] = []
+    for name, attrs in variables:
+        var = G.lookup(name, attrs)
+        if var is None:
+            mappings[name] = {"ColorBar": str(attrs.get("color_bar_name", "viridis")),
+                              "ValueRange": [float(attrs.get("color_value_min", 0.0)),
+                                             float(attrs.get("color_value_max", 1.0))]}
+            continue
+        mapping, custom = G.xcube_color_mapping(var, attrs, cube)
+        mappings[name] = mapping
+        if custom:
+            customs.append(custom)
+    if set(G.RGB_COMPOSITE) <= set(mappings):
         mappings["rgb"] = {
-            channel: {"Variable": f"embedding_{c}", "ValueRange": [0.0, 1.0]}
-            for channel, c in (("Red", "r"), ("Green", "g"), ("Blue", "b"))
+            channel: {"Variable": name, "ValueRange": [0.0, 1.0]}
+            for channel, name in zip(("Red", "Green", "Blue"), G.RGB_COMPOSITE, strict=True)
         }
-    return {"Identifier": STYLE_ID, "ColorMappings": mappings}
+    return {"Identifier": f"{STYLE_ID}-{cube}", "ColorMappings": mappings}, customs
+
+
+def _relocate(dataset: dict[str, Any], cube: str) -> dict[str, Any]:
+    """A ``Datasets`` location entry of the grid pointed at another pyramid of the set."""
+    grid = S.CUBE_PATHS[S.GRID]
+    path = str(dataset["Path"])
+    return {**dataset, "Path": path[: -len(grid)] + S.CUBE_PATHS[cube]}
 
 
 def _dataset_location(cubeset: str, storage_options: dict[str, Any]) -> dict[str, Any]:
@@ -126,8 +142,8 @@ def _dataset_location(cubeset: str, storage_options: dict[str, Any]) -> dict[str
 
 def viewer_section(repo_root: Path = REPO_ROOT) -> dict[str, Any] | None:
     """The ``Viewer`` config section: branding from the repository's ``viewer/`` folder and
-    the panels extension (:mod:`server.panels`); None without ``viewer/config.json``."""
-    from .viewer_setup import viewer_section as section
+    the panels extension (:mod:`server.viewer.panels`); None without ``viewer/config.json``."""
+    from .viewer.setup import viewer_section as section
 
     return section(repo_root)
 
@@ -136,8 +152,8 @@ def add_viewer_config(config: dict[str, Any], cubeset: str,
                       storage_options: dict[str, Any] | None, repo_root: Path = REPO_ROOT):
     """Viewer additions (in place): ``/viewer`` served from a copy of xcube's viewer with
     our notes (prepared in ``viewer/.dist``), styles fitted to the data
-    (:func:`server.viewer_setup.add_viewer_config`)."""
-    from .viewer_setup import add_viewer_config as add
+    (:func:`server.viewer.setup.add_viewer_config`)."""
+    from .viewer.setup import add_viewer_config as add
 
     add(config, cubeset, storage_options, repo_root)
 
@@ -150,13 +166,7 @@ def make_config(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
     storage_options = dict(storage_options or {})
     if "://" not in cubeset:
         cubeset = str(Path(cubeset).resolve())
-    title, variables = _grid_variables(cubeset, storage_options or None)
-    common = {
-        "Identifier": DATASET_ID,
-        "Title": title,
-        "Style": STYLE_ID,
-        "Variables": [name for name, _ in variables],
-    }
+    grids = _grid_datasets(cubeset, storage_options or None)
     location = _dataset_location(cubeset, storage_options)
     section: dict[str, Any] = {"CubeSet": cubeset,
                                "CacheBytes": int(cache_bytes or DEFAULTS["CacheBytes"])}
@@ -170,13 +180,24 @@ def make_config(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
     # tornado closes the connection without an answer on request heads over 64 KiB; with
     # 4 MiB the plugin can answer over-long query strings with a JSON 414 naming them.
     config["tornado"] = {"max_header_size": 4 * 1024 * 1024}
+    entries, styles, customs = [], [], []
+    for cube, title, variables in grids:
+        style, cmaps = _style(cube, variables)
+        styles.append(style)
+        customs += cmaps
+        entry = {"Identifier": cube, "Title": title, "Style": style["Identifier"],
+                 "Variables": [name for name, _ in variables]}
+        entries.append((cube, entry))
     if "dataset" in location:
-        config["Datasets"] = [{**common, **location["dataset"]}]
+        config["Datasets"] = [{**entry, **_relocate(location["dataset"], cube)}
+                              for cube, entry in entries]
     else:
         store = location["store"]
-        store["Datasets"] = [{**store["Datasets"][0], **common}]
+        store["Datasets"] = [{**store["Datasets"][0], **entry,
+                              "Path": S.CUBE_PATHS[cube]} for cube, entry in entries]
         config["DataStores"] = [store]
-    config["Styles"] = [_style(variables)]
+    config["Styles"] = styles
+    config["CustomColorMaps"] = customs
     config[SECTION] = section
     viewer = viewer_section(repo_root)
     if viewer:

@@ -1,24 +1,33 @@
-"""xcube plugin entry point (``[project.entry-points.xcube_plugins] deepearth``)."""
+"""xcube plugin entry point (``[project.entry-points.xcube_plugins] deepearth``).
+
+To add an API package ``server/<name>/``: give it an ``api.py`` with an ``Api`` object and
+its routes imported by the package (see :mod:`server.deepearth`), then register it in
+:data:`APIS` below.
+"""
 
 from __future__ import annotations
 
 from xcube.constants import EXTENSION_POINT_SERVER_APIS
 from xcube.util import extension
 
+# (extension name, "module:attribute" of the Api object, description), in registration order.
+# The WMTS first: xcube orders APIs by dependency count, then registration, and the
+# "deepearth" API's /deepearth/{*rest} route would otherwise shadow /deepearth/wmts/...
+APIS: tuple[tuple[str, str, str], ...] = (
+    ("deepearth-wmts", "server.wmts:api", "DeepEarth WMTS (grid layers)"),
+    ("deepearth-wms", "server.wms:api", "DeepEarth WMS 1.3.0 with TIME (grid layers)"),
+    ("deepearth", "server.deepearth:api", "DeepEarth cube set API"),
+    ("deepearth-viewer", "server.viewer:api", "DeepEarth viewer support (observation places)"),
+)
+
 
 def init_plugin(ext_registry: extension.ExtensionRegistry) -> None:
-    """Register the DeepEarth server API (imported lazily, when a server starts)."""
-    # First: xcube orders APIs by dependency count, then registration, and the "deepearth"
-    # API's /deepearth/{*rest} route would otherwise shadow /deepearth/wmts/...
-    ext_registry.add_extension(loader=extension.import_component("server.wmts:api"),
-                               point=EXTENSION_POINT_SERVER_APIS, name="deepearth-wmts",
-                               description="DeepEarth WMTS (grid layers)")
-    ext_registry.add_extension(
-        loader=extension.import_component("server.routes:api"),
-        point=EXTENSION_POINT_SERVER_APIS,
-        name="deepearth",
-        description="DeepEarth cube set API",
-    )
-    ext_registry.add_extension(loader=extension.import_component("server.viewer_routes:api"),
-                               point=EXTENSION_POINT_SERVER_APIS, name="deepearth-viewer",
-                               description="DeepEarth viewer support (observation places)")
+    """Register the DeepEarth server APIs (imported lazily, when a server starts), and keep
+    Python tracebacks out of every HTTP response of the process."""
+    from .common.safety import hide_tracebacks
+
+    hide_tracebacks()
+    for name, component, description in APIS:
+        ext_registry.add_extension(loader=extension.import_component(component),
+                                   point=EXTENSION_POINT_SERVER_APIS, name=name,
+                                   description=description)

@@ -34,9 +34,9 @@ import requests
 from load_client import build_plan, find_server_process, rss_bytes, run_load
 
 from cube_gen.access import CubeSet
-from server.context import RESPONSE_BUFFER_BYTES
+from server.common.handler import MAX_QUERY_BYTES
+from server.common.resources import RESPONSE_BUFFER_BYTES
 from server.launch import free_port, make_config, running, write_config
-from server.routes import MAX_QUERY_BYTES
 from server.wmts import TILE_CACHE_BYTES
 
 TIMEOUT = 30  # seconds any request may take, faults included
@@ -291,13 +291,13 @@ def test_malformed_json_bodies_are_400s_naming_the_field(served: Served):
 
 # -- load ----------------------------------------------------------------------------------
 def test_response_budget_bounds_bytes_in_flight():
-    """The byte budget of large responses (server.cache.ByteBudget) never lets more than
+    """The byte budget of large responses (server.common.cache.ByteBudget) never lets more than
     its capacity through, serves large ones in order, lets small ones pass while they fit,
     and forgets waiters that gave up."""
     import asyncio
     import random
 
-    from server.cache import ByteBudget
+    from server.common.cache import ByteBudget
 
     async def scenario():
         budget = ByteBudget(100)

@@ -19,8 +19,11 @@ from cube_gen import analysis
 from cube_gen import schema as S
 from cube_gen.access import CubeSet, Query
 from cube_gen.embedding_math import umap_rgb
-from server import params as P
-from server.cache import ByteLRU
+from server.common import params as P
+from server.common.cache import ByteLRU
+from server.common.errors import ParamError, Unavailable
+from server.deepearth import controllers as C
+from server.deepearth.params import EmbeddingId
 from server.launch import _dataset_location, make_config, serve
 
 # -- cache --------------------------------------------------------------------------------
@@ -76,7 +79,7 @@ def test_time_bounds_cover_whole_periods():
     assert str(P.time(q(start="2020"), "start")) == "2020-01-01 00:00:00"
     assert str(P.time(q(start="2020-01-01T12:00:00+02:00"), "start")) == "2020-01-01 10:00:00"
     for bad in ("soon", "2020-13", "99999", "0001-01-01"):
-        with pytest.raises(P.ParamError) as e:
+        with pytest.raises(ParamError) as e:
             P.time(q(start=bad), "start")
         assert e.value.parameter == "start" and e.value.allowed
 
@@ -87,16 +90,16 @@ def test_slices_bboxes_and_repeats():
     assert P.slice_param(q(f="5:"), "f", 8) == slice(5, 8)
     assert P.slice_param({}, "f", 8) == slice(0, 8)
     for bad in ("8", "2:2", "-1:3", "x"):
-        with pytest.raises(P.ParamError):
+        with pytest.raises(ParamError):
             P.slice_param(q(f=bad), "f", 8)
     assert P.bbox(q(bbox="-82,28,-81,29")) == (-82, 28, -81, 29)
     for bad in ("-82,28,-81", "0,0,1,nan", "0,95,1,96", "1,0,0,1"):
-        with pytest.raises(P.ParamError):
+        with pytest.raises(ParamError):
             P.bbox(q(bbox=bad))
-    with pytest.raises(P.ParamError) as e:
+    with pytest.raises(ParamError) as e:
         P.integer({"k": ["1", "2"]}, "k")
     assert e.value.parameter == "k"
-    with pytest.raises(P.ParamError) as e:
+    with pytest.raises(ParamError) as e:
         P.check_known({"limit": ["1"], "colour": ["x"]}, ["limit"])
     assert e.value.parameter == "colour" and e.value.allowed == ["limit"]
 
@@ -158,22 +161,32 @@ def test_make_config(tiny_cubes, tmp_path):
     # without a viewer/ folder: the plugin's own styles (value ranges from color_value_max)
     cfg = make_config(str(tiny_cubes), port=9999, address="0.0.0.0", repo_root=tmp_path)
     assert cfg["port"] == 9999 and cfg["address"] == "0.0.0.0"
-    (ds,) = cfg["Datasets"]
+    # one dataset per grid pyramid, all years first (the viewer opens on it)
+    ids = [d["Identifier"] for d in cfg["Datasets"]]
+    assert ids == [S.GRID_ALL_YEARS, S.GRID, S.GRID_MONTH_OF_YEAR, S.GRID_SPECIES]
+    ds = cfg["Datasets"][1]
     assert ds["Path"] == str(Path(tiny_cubes).resolve() / "grid.levels")
-    assert ds["FileSystem"] == "file" and ds["Style"] == "deepearth"
-    assert set(S.GRID_VARS) <= set(ds["Variables"])
+    assert ds["FileSystem"] == "file" and ds["Style"] == "deepearth-grid"
+    assert {"observation_count", "species_richness", "embedding_r"} <= set(ds["Variables"])
     assert any(v.startswith(S.TOP_SPECIES_PREFIX) for v in ds["Variables"])
-    (style,) = cfg["Styles"]
+    assert cfg["Datasets"][0]["Variables"][0] == "species_richness"
+    style = cfg["Styles"][1]
     m = style["ColorMappings"]
-    for name, var in S.GRID_VARS.items():
-        assert m[name]["ValueRange"] == [0.0, var.attrs["color_value_max"]]
+    customs = {c["Identifier"]: c for c in cfg["CustomColorMaps"]}
+    import xarray as xr
+    g0 = xr.open_zarr(Path(tiny_cubes) / "grid.levels" / "0.zarr")
+    for name in ("observation_count", "species_richness", "shannon_diversity"):
+        # colour ranges fitted at build time (grid-variable registry), custom colour maps
+        colors = customs[m[name]["ColorBar"]]["Colors"]
+        assert m[name]["ValueRange"] == [colors[0][0], colors[-1][0]]
+        assert colors[-1][0] == g0[name].attrs["color_value_max"]
     assert m["rgb"]["Red"] == {"Variable": "embedding_r", "ValueRange": [0.0, 1.0]}
     assert cfg["DeepEarth"]["CubeSet"] == str(Path(tiny_cubes).resolve())
     assert "Viewer" not in cfg
     # with the repository's viewer/ folder: the viewer hook
     cfg = make_config(str(tiny_cubes))
     assert cfg["Viewer"]["Configuration"]["Path"].endswith("viewer")
-    assert cfg["Datasets"][0]["Identifier"] == "grid" and "DeepEarth" in cfg
+    assert cfg["Datasets"][1]["Identifier"] == "grid" and "DeepEarth" in cfg
 
 
 def test_dataset_location_for_s3():
@@ -232,14 +245,14 @@ def test_context_in_xcube_server_computes_umap_rgb_on_demand(tiny_cubes, tmp_pat
     cfg["DeepEarth"]["CacheBytes"] = 50_000_000
     server = _server(cfg)  # validates the DeepEarth section against its schema
     ctx = server.ctx.get_api_ctx("deepearth")
-    svc = ctx.service
-    gid, num = int(svc.cs.image_table().gbif_id[2]), int(svc.cs.image_table().image_number[2])
-    pos, rgb = svc.umap_rgb_precomputed(gid, num)
+    cs = ctx.cubeset
+    gid, num = int(cs.image_table().gbif_id[2]), int(cs.image_table().image_number[2])
+    pos, rgb = C.umap_rgb_precomputed(ctx, EmbeddingId(gid, num))
     assert pos == 2 and rgb is None
-    computed = svc.umap_rgb_computed(pos)
-    np.testing.assert_array_equal(computed, umap_rgb(svc.cs.features(2)))
+    computed = C.umap_rgb_computed(ctx, pos)
+    np.testing.assert_array_equal(computed, umap_rgb(cs.features(2)))
     hits = ctx.cache.stats()["hits"]
-    assert svc.umap_rgb_computed(pos) is computed and ctx.cache.stats()["hits"] == hits + 1
+    assert C.umap_rgb_computed(ctx, pos) is computed and ctx.cache.stats()["hits"] == hits + 1
 
 
 def test_context_runs_work_off_the_loop_with_timeouts(tiny_cubes):
@@ -265,7 +278,7 @@ def test_context_runs_work_off_the_loop_with_timeouts(tiny_cubes):
         tid = await ctx.run(quick)
         assert tid != loop_thread
         await slow_task
-        with pytest.raises(P.Unavailable):
+        with pytest.raises(Unavailable):
             await ctx.run(time.sleep, 2)
 
     asyncio.run(main())
@@ -283,7 +296,7 @@ def test_context_rejects_work_when_the_queue_is_full(tiny_cubes):
         await asyncio.sleep(0.05)  # running
         second = asyncio.ensure_future(ctx.run(time.sleep, 0.01))
         await asyncio.sleep(0.05)  # queued
-        with pytest.raises(P.Unavailable, match="busy"):
+        with pytest.raises(Unavailable, match="busy"):
             await ctx.run(time.sleep, 0.01)
         await asyncio.gather(first, second)
         await ctx.run(time.sleep, 0.01)  # accepted again
@@ -295,8 +308,8 @@ def test_context_rejects_work_when_the_queue_is_full(tiny_cubes):
 def test_context_without_section_answers_unavailable():
     ctx = _server({}).ctx.get_api_ctx("deepearth")
     assert not ctx.configured
-    with pytest.raises(P.Unavailable) as e:
-        ctx.service  # noqa: B018
+    with pytest.raises(Unavailable) as e:
+        ctx.cubeset  # noqa: B018
     assert e.value.status == 503 and e.value.parameter == "DeepEarth"
 
 
@@ -304,5 +317,5 @@ def test_context_reports_unreachable_cubeset(tmp_path):
     cfg = {"DeepEarth": {"CubeSet": str(tmp_path / "missing")}}
     ctx = _server(cfg).ctx.get_api_ctx("deepearth")
     assert ctx.configured and "cubeset.json is missing" in ctx.open_error
-    with pytest.raises(P.Unavailable):
-        ctx.service  # noqa: B018
+    with pytest.raises(Unavailable):
+        ctx.cubeset  # noqa: B018

@@ -20,9 +20,10 @@ from chartlets.controllers import get_callback_results, get_contributions, get_l
 from cube_gen import analysis
 from cube_gen import schema as S
 from cube_gen.access import CubeSet, Query
-from server import viewer_setup as V
 from server.launch import make_config
-from server.panels import embedding_space, observation, region
+from server.viewer import places as V
+from server.viewer import setup as VS
+from server.viewer.panels import embedding_space, observation, region
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -374,11 +375,11 @@ def test_region_panel_numbers_are_the_region_statistics(ctx, cs, geometry, time_
 
 
 def test_region_panel_uses_the_shared_service_cache(ctx):
-    svc = ctx.get_api_ctx("deepearth").service
+    cache = ctx.get_api_ctx("deepearth").cache
     region.update_region(ctx, None, None, None, 2000, "all", "train")
-    hits = svc.cache.stats()["hits"]
+    hits = cache.stats()["hits"]
     region.update_region(ctx, None, None, None, 2000, "all", "train")
-    assert svc.cache.stats()["hits"] > hits
+    assert cache.stats()["hits"] > hits
 
 
 # -- the extension as the viewer sees it ---------------------------------------------------
@@ -425,66 +426,66 @@ def test_prepare_viewer_dist_lays_our_files_over_a_copy(tmp_path):
     viewer = tmp_path / "viewer"
     (viewer / "images").mkdir(parents=True)
     (viewer / "images" / "deepearth-logo.png").write_bytes(b"png")
-    overlay = viewer / V.OVERLAY_FOLDER
+    overlay = viewer / VS.OVERLAY_FOLDER
     (overlay / "docs").mkdir(parents=True)
     (overlay / "docs" / "privacy-note.en.md").write_text("DeepEarth Cube note")
-    (overlay / V.INIT_SCRIPT).write_text("// init")
-    dist = V.prepare_viewer_dist(viewer, bundle)
-    assert dist.parent == viewer / V.DIST_FOLDER
+    (overlay / VS.INIT_SCRIPT).write_text("// init")
+    dist = VS.prepare_viewer_dist(viewer, bundle)
+    assert dist.parent == viewer / VS.DIST_FOLDER
     assert (dist / "docs" / "privacy-note.en.md").read_text() == "DeepEarth Cube note"
-    assert (dist / "assets" / "main-x.js").is_file() and (dist / V.INIT_SCRIPT).is_file()
+    assert (dist / "assets" / "main-x.js").is_file() and (dist / VS.INIT_SCRIPT).is_file()
     assert (dist / "images" / "deepearth-logo.png").read_bytes() == b"png"
     html = (dist / "index.html").read_text()
     assert "<title>DeepEarth Cube</title>" in html
-    assert html.index(V.INIT_SCRIPT) < html.index("<title>")  # runs before the viewer
-    assert V.patch_index_html(html) == html
+    assert html.index(VS.INIT_SCRIPT) < html.index("<title>")  # runs before the viewer
+    assert VS.patch_index_html(html) == html
     assert "Brockmann" not in (bundle / "index.html").read_text()  # the bundle is untouched
     # unchanged inputs: the same folder; a changed overlay: a new one
-    assert V.prepare_viewer_dist(viewer, bundle) == dist
+    assert VS.prepare_viewer_dist(viewer, bundle) == dist
     (overlay / "docs" / "privacy-note.en.md").write_text("changed")
-    again = V.prepare_viewer_dist(viewer, bundle)
+    again = VS.prepare_viewer_dist(viewer, bundle)
     assert again != dist and (again / "docs" / "privacy-note.en.md").read_text() == "changed"
-    assert not [p for p in (viewer / V.DIST_FOLDER).iterdir() if p.name.startswith("tmp-")]
+    assert not [p for p in (viewer / VS.DIST_FOLDER).iterdir() if p.name.startswith("tmp-")]
     # old copies are pruned (the newest three stay)
     for k in range(4):
         (overlay / "docs" / "privacy-note.en.md").write_text(f"change {k}")
-        latest = V.prepare_viewer_dist(viewer, bundle)
-    kept = sorted((viewer / V.DIST_FOLDER).glob("viewer-*"))
+        latest = VS.prepare_viewer_dist(viewer, bundle)
+    kept = sorted((viewer / VS.DIST_FOLDER).glob("viewer-*"))
     assert len(kept) == 3 and latest in kept
 
 
 def test_unwritable_viewer_folder_falls_back_to_the_bundled_viewer(tmp_path, monkeypatch):
-    monkeypatch.delenv(V.ENV_VIEWER_PATH, raising=False)
+    monkeypatch.delenv(VS.ENV_VIEWER_PATH, raising=False)
     viewer = tmp_path / "viewer"
     viewer.mkdir()
     (viewer / "config.json").write_text("{}")
-    (viewer / V.DIST_FOLDER).write_text("a file where the folder should be")
-    assert V.viewer_static_routes(tmp_path) == []
+    (viewer / VS.DIST_FOLDER).write_text("a file where the folder should be")
+    assert VS.viewer_static_routes(tmp_path) == []
 
 
 def test_repository_overlay_replaces_the_privacy_note():
-    bundle = V.bundled_viewer_dist()
+    bundle = VS.bundled_viewer_dist()
     assert bundle is not None, "xcube ships no viewer build"
     for lang in ("en", "de", "se"):
-        ours = REPO / "viewer" / V.OVERLAY_FOLDER / "docs" / f"privacy-note.{lang}.md"
+        ours = REPO / "viewer" / VS.OVERLAY_FOLDER / "docs" / f"privacy-note.{lang}.md"
         assert ours.is_file() and "Brockmann" not in ours.read_text()
         assert (bundle / "docs" / ours.name).is_file()  # the file the viewer asks for
     assert "<head>" in (bundle / "index.html").read_text()
 
 
 def test_config_names_the_viewer_and_serves_the_prepared_copy(tiny_cubes, monkeypatch):
-    monkeypatch.delenv(V.ENV_VIEWER_PATH, raising=False)
+    monkeypatch.delenv(VS.ENV_VIEWER_PATH, raising=False)
     cfg = make_config(str(tiny_cubes))
     assert cfg["Viewer"] == {"Configuration": {"Path": str(REPO / "viewer")},
-                             "Augmentation": {"Extensions": [V.PANELS_EXTENSION]}}
+                             "Augmentation": {"Extensions": [VS.PANELS_EXTENSION]}}
     (route,) = cfg["static_routes"]
     assert route["path"] == "/viewer" and route["default_filename"] == "index.html"
     dist = Path(route["dir_path"])
-    assert dist.parent == REPO / "viewer" / V.DIST_FOLDER and (dist / "index.html").is_file()
+    assert dist.parent == REPO / "viewer" / VS.DIST_FOLDER and (dist / "index.html").is_file()
     note = (dist / "docs" / "privacy-note.en.md").read_text()
     assert "DeepEarth Cube" in note and "Brockmann" not in note
     # a viewer chosen with XCUBE_VIEWER_PATH is left alone
-    monkeypatch.setenv(V.ENV_VIEWER_PATH, "/somewhere/else")
+    monkeypatch.setenv(VS.ENV_VIEWER_PATH, "/somewhere/else")
     assert "static_routes" not in make_config(str(tiny_cubes))
 
 
@@ -512,5 +513,5 @@ def test_styles_fit_the_data(tiny_cubes):
     assert m["rgb"]["Red"]["ValueRange"] == [0.0, 1.0]
     species = [k for k in m if k.startswith(S.TOP_SPECIES_PREFIX)]
     assert species and all(m[k]["ColorBar"] == "YlOrRd_alpha" for k in species)
-    assert V.fitted_vmax(np.array([0.0, np.nan]), True) is None
-    assert V.fitted_vmax(np.array([0.2, 0.4]), False) == pytest.approx(0.399)
+    assert VS.fitted_vmax(np.array([0.0, np.nan]), True) is None
+    assert VS.fitted_vmax(np.array([0.2, 0.4]), False) == pytest.approx(0.399)

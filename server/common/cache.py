@@ -59,6 +59,7 @@ class ByteLRU:
         self.misses = 0
         self.evictions = 0
         self.rejected = 0  # values too large to keep
+        self._generation = 0  # bumped by clear(): results computed before are not kept
 
     def __len__(self) -> int:
         return len(self._data)
@@ -105,6 +106,7 @@ class ByteLRU:
                 self.hits += 1
                 return item[0]
             self.misses += 1
+            generation = self._generation
             flight = self._flights.get(key)
             leader = flight is None
             if leader:
@@ -117,7 +119,8 @@ class ByteLRU:
         try:
             value = compute()
             flight.value = value
-            self.put(key, value, None if nbytes is None else nbytes(value))
+            if generation == self._generation:
+                self.put(key, value, None if nbytes is None else nbytes(value))
             return value
         except BaseException as exc:
             flight.error = exc
@@ -128,9 +131,11 @@ class ByteLRU:
             flight.event.set()
 
     def clear(self) -> None:
+        """Drop every value; computations in flight now are answered but not kept."""
         with self._lock:
             self._data.clear()
             self.bytes = 0
+            self._generation += 1
 
     def stats(self) -> dict[str, int | float]:
         with self._lock:

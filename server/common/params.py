@@ -1,69 +1,35 @@
-"""Request parameter parsing and validation, and the matching OpenAPI parameter objects.
+"""Request parameters: parsers of single values, and parameter groups declared once.
 
-Every parser raises :class:`ParamError` naming the parameter, the value received and
-what is allowed; handlers turn it into a JSON 400 response.
+A parameter group (:class:`Group`) is declared once per concept (paging, filters, an
+embedding id, ...): it yields both its OpenAPI parameter objects (:meth:`Group.openapi`) and
+its validated value with its defaults (:meth:`Group.read`), so the documentation and the
+parsing cannot drift apart. Route declarations (:func:`server.common.handler.endpoint`) take
+a mapping of groups and pass their values to the route function as keyword arguments.
+
+Every parser raises :class:`~server.common.errors.ParamError` naming the parameter, the
+value received and what is allowed.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from cube_gen import schema as S
+from cube_gen.access import Query
 
-class ApiProblem(Exception):
-    """An error answered with a JSON body ``{"error": {...}}`` and an HTTP status."""
-
-    status = 500
-
-    def __init__(self, message: str, parameter: str | None = None, allowed: Any = None,
-                 value: Any = None):
-        super().__init__(message)
-        self.message = message
-        self.parameter = parameter
-        self.allowed = allowed
-        self.value = value
-
-    def body(self) -> dict[str, Any]:
-        err: dict[str, Any] = {"status_code": self.status, "message": self.message}
-        if self.parameter is not None:
-            err["parameter"] = self.parameter
-        if self.allowed is not None:
-            err["allowed"] = self.allowed
-        if self.value is not None:
-            err["value"] = self.value
-        return {"error": err}
-
-
-class ParamError(ApiProblem):
-    status = 400
-
-
-class NotFound(ApiProblem):
-    status = 404
-
-
-class PayloadTooLarge(ApiProblem):
-    status = 413
-
-
-class Unavailable(ApiProblem):
-    status = 503
-
-
-class MethodNotAllowed(ApiProblem):
-    status = 405
-
+from .errors import ParamError
 
 # -- parsing -------------------------------------------------------------------------------
-Query = Mapping[str, Sequence[str]]
+QueryArgs = Mapping[str, Sequence[str]]  # name -> values, as tornado parses them
 
 
-def raw(query: Query, name: str) -> str | None:
+def raw(query: QueryArgs, name: str) -> str | None:
     """The single value of a query parameter (None when absent); repeated values are an error."""
     values = query.get(name)
     if not values:
@@ -74,14 +40,14 @@ def raw(query: Query, name: str) -> str | None:
     return values[0]
 
 
-def check_known(query: Query, allowed: Sequence[str]) -> None:
+def check_known(query: QueryArgs, allowed: Sequence[str]) -> None:
     unknown = sorted(set(query) - set(allowed))
     if unknown:
         raise ParamError(f"unknown parameter {unknown[0]!r}", unknown[0],
                          sorted(allowed) or "no parameters", None)
 
 
-def integer(query: Query, name: str, default: int | None = None, minimum: int | None = None,
+def integer(query: QueryArgs, name: str, default: int | None = None, minimum: int | None = None,
             maximum: int | None = None, value: str | None = None) -> int | None:
     text = raw(query, name) if value is None else value
     allowed = _range_text("an integer", minimum, maximum)
@@ -97,7 +63,7 @@ def integer(query: Query, name: str, default: int | None = None, minimum: int | 
     return v
 
 
-def number(query: Query, name: str, default: float | None = None,
+def number(query: QueryArgs, name: str, default: float | None = None,
            minimum: float | None = None, maximum: float | None = None) -> float | None:
     text = raw(query, name)
     allowed = _range_text("a number", minimum, maximum)
@@ -115,7 +81,7 @@ def number(query: Query, name: str, default: float | None = None,
     return v
 
 
-def choice(query: Query, name: str, options: Sequence[str], default: str | None = None) -> str:
+def choice(query: QueryArgs, name: str, options: Sequence[str], default: str | None = None) -> str:
     text = raw(query, name)
     if text is None or text == "":
         return default
@@ -125,7 +91,7 @@ def choice(query: Query, name: str, options: Sequence[str], default: str | None 
     return text
 
 
-def boolean(query: Query, name: str, default: bool | None = None) -> bool | None:
+def boolean(query: QueryArgs, name: str, default: bool | None = None) -> bool | None:
     text = raw(query, name)
     if text is None or text == "":
         return default
@@ -138,7 +104,7 @@ def boolean(query: Query, name: str, default: bool | None = None) -> bool | None
                      ["true", "false"], text)
 
 
-def bbox(query: Query, name: str = "bbox") -> tuple[float, float, float, float] | None:
+def bbox(query: QueryArgs, name: str = "bbox") -> tuple[float, float, float, float] | None:
     text = raw(query, name)
     allowed = "west,south,east,north in degrees (WGS84), west <= east, south <= north"
     if text is None or text == "":
@@ -166,7 +132,7 @@ _DATE_PRECISION = (
 TIME_ALLOWED = "an ISO 8601 date or time: YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm:ss"
 
 
-def time(query: Query, name: str, end: bool = False) -> pd.Timestamp | None:
+def time(query: QueryArgs, name: str, end: bool = False) -> pd.Timestamp | None:
     """A time bound. For ``end`` (inclusive) a year, month or day means its last instant."""
     text = raw(query, name)
     if text is None or text == "":
@@ -190,7 +156,7 @@ def time(query: Query, name: str, end: bool = False) -> pd.Timestamp | None:
     return t
 
 
-def slice_param(query: Query, name: str, size: int) -> slice:
+def slice_param(query: QueryArgs, name: str, size: int) -> slice:
     """``a:b`` (either side optional) or a single index ``k``, within [0, size)."""
     text = raw(query, name)
     allowed = f"an index k or a range a:b with 0 <= a < b <= {size}"
@@ -223,50 +189,223 @@ def _range_text(kind: str, minimum, maximum) -> str:
     return kind
 
 
+def path_int(name: str, value: str, minimum: int = 0, maximum: int = 2**62) -> int:
+    """A non-negative integer path segment: ASCII digits only (no sign, spaces, ``_``,
+    or other scripts' digits, which ``int`` would accept)."""
+    if not (value.isascii() and value.isdigit()) or len(value) > 20:
+        allowed = f"an integer in [{minimum}, {maximum}]"
+        raise ParamError(f"parameter {name!r} must be {allowed}, got {value[:100]!r}", name,
+                         allowed, value[:100])
+    return integer({}, name, None, minimum, maximum, value=value)
+
+
 # -- OpenAPI parameter objects -------------------------------------------------------------
-@dataclass(frozen=True)
-class P:
-    """Builders of OpenAPI parameter objects."""
-
-    @staticmethod
-    def query(name: str, description: str, schema: dict | None = None,
-              required: bool = False) -> dict:
-        return {"name": name, "in": "query", "description": description,
-                "required": required, "schema": schema or {"type": "string"}}
-
-    @staticmethod
-    def path(name: str, description: str, schema: dict | None = None) -> dict:
-        return {"name": name, "in": "path", "description": description, "required": True,
-                "schema": schema or {"type": "string"}}
+def query_param(name: str, description: str, schema: dict | None = None,
+                required: bool = False) -> dict:
+    return {"name": name, "in": "query", "description": description,
+            "required": required, "schema": schema or {"type": "string"}}
 
 
-GBIF_ID = P.path("gbif_id", "GBIF occurrence id of the observation", {"type": "integer"})
-IMAGE_NUMBER = P.path("image_number", "number of the image within its observation (0-based)",
-                      {"type": "integer", "minimum": 0})
-SPECIES_PATH = P.path("species", "taxon id, scientific name or its slug "
-                      "(e.g. quercus_virginiana)")
-FILTERS = [
-    P.query("bbox", "west,south,east,north (degrees, WGS84)",
-            {"type": "string", "example": "-81.5,28.2,-81.0,28.6"}),
-    P.query("start", "earliest time (inclusive), " + TIME_ALLOWED, {"type": "string"}),
-    P.query("end", "latest time (inclusive; a year, month or day includes all of it), "
-            + TIME_ALLOWED, {"type": "string"}),
-    P.query("species", "comma-separated taxon ids, scientific names or slugs",
-            {"type": "string"}),
-    P.query("split", "data split", {"type": "string", "enum": ["train", "temporal_test"]}),
-]
-HAS_VISION = P.query("has_vision", "only observations with (true) or without (false) vision "
-                     "embeddings", {"type": "boolean"})
-
-
-def paging(max_page: int, default: int = 100) -> list[dict]:
-    return [
-        P.query("limit", f"page size (at most {max_page})",
-                {"type": "integer", "minimum": 1, "maximum": max_page, "default": default}),
-        P.query("offset", "index of the first result", {"type": "integer", "minimum": 0,
-                                                        "default": 0}),
-    ]
+def path_param(name: str, description: str, schema: dict | None = None) -> dict:
+    return {"name": name, "in": "path", "description": description, "required": True,
+            "schema": schema or {"type": "string"}}
 
 
 def names(params: Sequence[dict], where: str = "query") -> list[str]:
     return [p["name"] for p in params if p["in"] == where]
+
+
+# -- parameter groups ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Inputs:
+    """What a group reads: the query (name -> values), path segments, body, server settings."""
+
+    query: Mapping[str, Sequence[str]]
+    path: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Group:
+    """A set of request parameters declared once: OpenAPI objects and the validated value."""
+
+    def openapi(self) -> list[dict]:
+        raise NotImplementedError
+
+    def read(self, inputs: Inputs) -> Any:
+        raise NotImplementedError
+
+
+def _limit(static: int | None, settings: Mapping[str, Any], key: str | None) -> int | None:
+    """A maximum: the server setting ``key`` when given, else the static one."""
+    return int(settings[key]) if key and key in settings else static
+
+
+@dataclass(frozen=True)
+class Integer(Group):
+    """One integer query parameter; ``max_setting`` names a server setting that bounds it."""
+
+    name: str
+    description: str
+    default: int | None = None
+    minimum: int | None = None
+    maximum: int | None = None
+    max_setting: str | None = None
+    documented_maximum: int | None = None  # written into the OpenAPI schema
+    default_setting: str | None = None  # a server setting that is the default when present
+
+    def openapi(self) -> list[dict]:
+        schema: dict[str, Any] = {"type": "integer"}
+        if self.minimum is not None:
+            schema["minimum"] = self.minimum
+        if self.documented_maximum is not None:
+            schema["maximum"] = self.documented_maximum
+        if self.default is not None:
+            schema["default"] = self.default
+        return [query_param(self.name, self.description, schema)]
+
+    def read(self, inputs: Inputs) -> int | None:
+        maximum = _limit(self.maximum, inputs.settings, self.max_setting)
+        default = _limit(self.default, inputs.settings, self.default_setting)
+        return integer(inputs.query, self.name, default, self.minimum, maximum)
+
+
+@dataclass(frozen=True)
+class Number(Group):
+    name: str
+    description: str
+    default: float | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def openapi(self) -> list[dict]:
+        schema: dict[str, Any] = {"type": "number"}
+        for key in ("minimum", "maximum", "default"):
+            if getattr(self, key) is not None:
+                schema[key] = getattr(self, key)
+        return [query_param(self.name, self.description, schema)]
+
+    def read(self, inputs: Inputs) -> float | None:
+        return number(inputs.query, self.name, self.default, self.minimum, self.maximum)
+
+
+@dataclass(frozen=True)
+class Choice(Group):
+    """One query parameter from a list of options (``options`` may be a callable)."""
+
+    name: str
+    description: str
+    options: Sequence[str] | Callable[[], Sequence[str]]
+    default: str | None = None
+    documented: bool = True  # write the options into the schema as an enum
+
+    def values(self) -> list[str]:
+        return list(self.options() if callable(self.options) else self.options)
+
+    def openapi(self) -> list[dict]:
+        schema: dict[str, Any] = {"type": "string"}
+        if self.documented:
+            schema["enum"] = self.values()
+        if self.default is not None:
+            schema["default"] = self.default
+        return [query_param(self.name, self.description, schema)]
+
+    def read(self, inputs: Inputs) -> str | None:
+        return choice(inputs.query, self.name, self.values(), self.default)
+
+
+@dataclass(frozen=True)
+class Boolean(Group):
+    name: str
+    description: str
+    default: bool | None = None
+
+    def openapi(self) -> list[dict]:
+        schema: dict[str, Any] = {"type": "boolean"}
+        if self.default is not None:
+            schema["default"] = self.default
+        return [query_param(self.name, self.description, schema)]
+
+    def read(self, inputs: Inputs) -> bool | None:
+        return boolean(inputs.query, self.name, self.default)
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    offset: int
+    limit: int
+
+
+@dataclass(frozen=True)
+class Paging(Group):
+    """``limit`` (at most the ``MaxPageSize`` setting) and ``offset``."""
+
+    default: int = 100
+    documented_maximum: int = 10_000
+
+    def openapi(self) -> list[dict]:
+        m = self.documented_maximum
+        return [
+            query_param("limit", f"page size (at most {m})",
+                        {"type": "integer", "minimum": 1, "maximum": m,
+                         "default": self.default}),
+            query_param("offset", "index of the first result",
+                        {"type": "integer", "minimum": 0, "default": 0}),
+        ]
+
+    def read(self, inputs: Inputs) -> PageRequest:
+        maximum = _limit(self.documented_maximum, inputs.settings, "MaxPageSize")
+        limit = integer(inputs.query, "limit", self.default, 1, maximum)
+        offset = integer(inputs.query, "offset", 0, 0, 2**62)
+        return PageRequest(offset, limit)
+
+
+MAX_SPECIES_TOKENS = 1000
+
+
+@dataclass(frozen=True)
+class Filters(Group):
+    """``bbox``, ``start``, ``end``, ``species``, ``split`` (and ``has_vision``): a
+    :class:`cube_gen.access.Query` whose species are still the tokens the client gave
+    (the cube set resolves them)."""
+
+    has_vision: bool = False
+
+    def openapi(self) -> list[dict]:
+        params = [
+            query_param("bbox", "west,south,east,north (degrees, WGS84)",
+                        {"type": "string", "example": "-81.5,28.2,-81.0,28.6"}),
+            query_param("start", "earliest time (inclusive), " + TIME_ALLOWED,
+                        {"type": "string"}),
+            query_param("end", "latest time (inclusive; a year, month or day includes all "
+                        "of it), " + TIME_ALLOWED, {"type": "string"}),
+            query_param("species", "comma-separated taxon ids, scientific names or slugs",
+                        {"type": "string"}),
+            query_param("split", "data split",
+                        {"type": "string", "enum": list(S.SPLIT_CODES)}),
+        ]
+        if self.has_vision:
+            params.append(query_param("has_vision", "only observations with (true) or "
+                                      "without (false) vision embeddings",
+                                      {"type": "boolean"}))
+        return params
+
+    def read(self, inputs: Inputs) -> Query:
+        query = inputs.query
+        start = time(query, "start")
+        end = time(query, "end", end=True)
+        if start is not None and end is not None and end < start:
+            raise ParamError("parameter 'end' is before 'start'", "end",
+                             "a time at or after 'start'", raw(query, "end"))
+        text = raw(query, "species")
+        tokens = None
+        if text is not None and text.strip():
+            tokens = tuple(t.strip() for t in text.split(",") if t.strip())
+            if len(tokens) > MAX_SPECIES_TOKENS:
+                raise ParamError(f"parameter 'species' lists more than {MAX_SPECIES_TOKENS} "
+                                 "species", "species",
+                                 f"at most {MAX_SPECIES_TOKENS} comma-separated species", None)
+        return Query.make(bbox=bbox(query), start=start, end=end, species=tokens,
+                          split=choice(query, "split", list(S.SPLIT_CODES)),
+                          has_vision=boolean(query, "has_vision") if self.has_vision
+                          else None)

@@ -1,10 +1,10 @@
-"""The ``deepearth`` xcube server API object (routes are added by :mod:`server.routes`)."""
+"""The ``deepearth`` xcube server API object (routes are declared in :mod:`.routes`)."""
 
 from __future__ import annotations
 
 from xcube.server.api import Api
 
-from .config import CONFIG_SCHEMA
+from ..config import CONFIG_SCHEMA
 from .context import DeepEarthContext
 
 API_NAME = "deepearth"

@@ -1,9 +1,13 @@
-"""The plugin's API context: configuration, the opened cube set, cache and worker pools."""
+"""The DeepEarth API's context: configuration, the opened cube set, the storage-fault guard.
+
+It owns the server's shared :class:`~server.common.resources.Resources` (worker pools,
+response budget, caches), which the other APIs of the plugin use too. Controllers
+(:mod:`.controllers`) are functions over this context: ``ctx.cubeset``, ``ctx.cache``,
+``ctx.settings``.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import os
 import threading
 import time
@@ -19,18 +23,13 @@ from cube_gen import schema as S
 from cube_gen.access import CubeSet
 from cube_gen.errors import CubeError, NotFoundError
 
-from .cache import ByteBudget, ByteLRU
-from .config import DEFAULTS, SECTION
-from .params import ApiProblem, Unavailable
-from .service import DeepEarthService
+from ..common.cache import ByteLRU
+from ..common.errors import ApiProblem, Unavailable
+from ..common.resources import Resources
+from ..config import DEFAULTS, SECTION, plain
 
 T = TypeVar("T")
 REOPEN_INTERVAL = 10.0  # seconds between attempts to open an unreachable cube set
-HEAVY_QUEUE = 8  # projections waiting for the heavy worker before requests answer 503
-# Bytes of binary responses (tensors, batches) built or being written at once; more wait.
-# About nine full 13 MB tensors: enough to keep a fast link busy, and the server's memory
-# no longer grows with the number of connections fetching tensors.
-RESPONSE_BUFFER_BYTES = 128 * 1024 * 1024
 # Seconds an object-store cube set counts as reachable after its manifest was read; a
 # local one is checked (one stat) after every request.
 STORAGE_CHECK_INTERVAL = 2.0
@@ -58,18 +57,8 @@ def _manifest_problem(cs: CubeSet) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _plain(value: Any) -> Any:
-    """FrozenDict/FrozenList (xcube's config) -> dict/list."""
-    defrost = getattr(value, "defrost", None)
-    return defrost() if callable(defrost) else value
-
-
 class DeepEarthContext(ApiContext):
-    """Holds the cube set named by the ``DeepEarth`` config section and runs work off the IO loop.
-
-    Two thread pools: ``MaxWorkers`` threads for ordinary requests and one thread for
-    heavy projections (UMAP), so a long computation never holds up the quick endpoints.
-    """
+    """Holds the cube set named by the ``DeepEarth`` config section and the shared resources."""
 
     def __init__(self, server_ctx: Context):
         super().__init__(server_ctx)
@@ -77,23 +66,20 @@ class DeepEarthContext(ApiContext):
         self.configured = False
         self.cubeset_url: str | None = None
         self.storage_options: dict[str, Any] = {}
-        self.cache = ByteLRU(self.settings["CacheBytes"])
-        self.response_budget = ByteBudget(RESPONSE_BUFFER_BYTES)
-        self._service: DeepEarthService | None = None
+        self.resources: Resources | None = None
+        self._cubeset: CubeSet | None = None
         self._open_error: str | None = None
         self._last_attempt = 0.0
         self._open_lock = threading.Lock()
         self._check_lock = threading.Lock()
         self._storage_problem: str | None = None
         self._storage_ok_until = 0.0
-        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self.heavy_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.started = time.time()
-        self.counters = {"requests": 0, "errors": 0, "timeouts": 0, "rejected_busy": 0}
+        self.counters = {"requests": 0, "errors": 0}
 
     # -- lifecycle -----------------------------------------------------------------------
     def on_update(self, prev_context: Context | None):
-        section = _plain(self.config.get(SECTION))
+        section = plain(self.config.get(SECTION))
         if not section:
             LOG.info(f"DeepEarth: no {SECTION!r} section in the config; the API answers 503")
             return
@@ -103,31 +89,24 @@ class DeepEarthContext(ApiContext):
         if "://" not in url and not os.path.isabs(url):
             url = resolve_config_path(self.config, url)
         self.cubeset_url = url
-        self.storage_options = dict(_plain(section.get("StorageOptions")) or {})
-        self.cache = ByteLRU(int(self.settings["CacheBytes"]))
-        self.executor = concurrent.futures.ThreadPoolExecutor(
-            int(self.settings["MaxWorkers"]), thread_name_prefix="deepearth")
-        self.heavy_executor = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="deepearth-heavy")
+        self.storage_options = dict(plain(section.get("StorageOptions")) or {})
+        self.resources = Resources(self.settings)
         # Requests run concurrently on worker threads: one BLAS thread each, or
         # multi-threaded BLAS spin-waits on the busy cores (see cube_gen.embedding_math).
         threadpool_limits(limits=1, user_api="blas")
         self._open()
 
     def on_dispose(self):
-        for ex in (self.executor, self.heavy_executor):
-            if ex is not None:
-                ex.shutdown(wait=False, cancel_futures=True)
-        self.cache.clear()
+        if self.resources is not None:
+            self.resources.shutdown()
 
     def _open(self) -> None:
         with self._open_lock:
-            if self._service is not None:
+            if self._cubeset is not None:
                 return
             self._last_attempt = time.monotonic()
             try:
-                cs = CubeSet.open(self.cubeset_url, self.storage_options or None)
-                self._service = DeepEarthService(cs, self.cache, self.settings)
+                self._cubeset = CubeSet.open(self.cubeset_url, self.storage_options or None)
                 self._open_error = None
                 LOG.info(f"DeepEarth: serving cube set {self.cubeset_url}")
             except Exception as exc:  # noqa: BLE001 - reported by /deepearth/health
@@ -140,60 +119,45 @@ class DeepEarthContext(ApiContext):
         return self._open_error
 
     @property
-    def service(self) -> DeepEarthService:
-        """The service, opening the cube set if needed (raises Unavailable)."""
+    def cubeset(self) -> CubeSet:
+        """The cube set, opening it if needed (raises Unavailable)."""
         if not self.configured:
             raise Unavailable(f"the server config has no {SECTION!r} section naming a cube set",
                               SECTION)
-        if self._service is None and time.monotonic() - self._last_attempt > REOPEN_INTERVAL:
+        if self._cubeset is None and time.monotonic() - self._last_attempt > REOPEN_INTERVAL:
             self._open()
-        if self._service is None:
+        if self._cubeset is None:
             raise Unavailable(f"the cube set {self.cubeset_url} cannot be opened: "
                               f"{self._open_error}")
-        return self._service
+        return self._cubeset
 
-    # -- running work --------------------------------------------------------------------
-    async def run(self, fn: Callable[..., T], *args: Any, heavy: bool = False,
-                  **kwargs: Any) -> T:
-        """Run ``fn`` on a worker thread, giving up after ``RequestTimeout`` seconds."""
-        if self.executor is None:
+    @property
+    def cache(self) -> ByteLRU:
+        """The results cache (tensors, PNGs, projections) of the shared resources."""
+        if self.resources is None:
             raise Unavailable(f"the server config has no {SECTION!r} section naming a cube set",
                               SECTION)
-        executor = self.heavy_executor if heavy else self.executor
-        limit = int(self.settings["MaxQueued"])
-        if heavy:
-            limit = max(1, min(limit, HEAVY_QUEUE))
-        queue = getattr(executor, "_work_queue", None)
-        if queue is not None and queue.qsize() >= limit:
-            self.counters["rejected_busy"] += 1
-            raise Unavailable(f"the server is busy ({queue.qsize()} {'heavy ' if heavy else ''}"
-                              "computations waiting); retry later", None)
-        fut = self.run_in_executor(executor, fn, *args, **kwargs)
-        timeout = float(self.settings["RequestTimeout"])
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            self.counters["timeouts"] += 1
-            raise Unavailable(f"the request took longer than {timeout:g} s and was abandoned; "
-                              "heavy results are cached when they complete, so retry later",
-                              None) from None
+        return self.resources.cache
 
-    async def call(self, method: str, *args: Any, heavy: bool = False, guard: bool = True,
-                   **kwargs: Any) -> Any:
-        """Run ``service.<method>(*args, **kwargs)`` on a worker thread (see :meth:`guarded`)."""
-        def work(svc):
-            return getattr(svc, method)(*args, **kwargs)
+    # -- running work --------------------------------------------------------------------
+    async def run(self, fn: Callable[..., T], *args: Any, pool: str = "default",
+                  **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` on a worker thread of the shared pools (timeout, 503 busy)."""
+        if self.resources is None:
+            raise Unavailable(f"the server config has no {SECTION!r} section naming a cube set",
+                              SECTION)
+        return await self.resources.workers.run(fn, *args, pool=pool, **kwargs)
+
+    async def call(self, controller: Callable[..., T], *args: Any, pool: str = "default",
+                   guard: bool = True, **kwargs: Any) -> T:
+        """``controller(self, *args, **kwargs)`` on a worker thread, storage-guarded."""
         if not guard:
-            return await self.run(lambda: work(self.service), heavy=heavy)
-        return await self.run(self.guarded, work, heavy=heavy)
-
-    async def call_with(self, fn: Callable[[DeepEarthService], T], heavy: bool = False) -> T:
-        """Run ``fn(service)`` on a worker thread (see :meth:`guarded`)."""
-        return await self.run(self.guarded, fn, heavy=heavy)
+            return await self.run(controller, self, *args, pool=pool, **kwargs)
+        return await self.run(self.guarded, controller, *args, pool=pool, **kwargs)
 
     # -- storage faults ------------------------------------------------------------------
-    def guarded(self, fn: Callable[[DeepEarthService], T]) -> T:
-        """``fn(service)``, answering 503 while the cube set's storage cannot be read.
+    def guarded(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(self, *args, **kwargs)``, answering 503 while the cube set's storage cannot be read.
 
         zarr reads a chunk that is missing as its fill value, so a cube set that went away
         (a folder moved, an object store restarted empty) would give wrong values with
@@ -204,9 +168,9 @@ class DeepEarthContext(ApiContext):
         caches are emptied when the storage fails and when it is back, so nothing computed
         meanwhile outlives the fault; no restart is needed.
         """
-        svc = self.service
+        _ = self.cubeset  # opened, or Unavailable
         try:
-            result = fn(svc)
+            result = fn(self, *args, **kwargs)
         except (ApiProblem, NotFoundError):
             problem = self.storage_problem()
             if problem is not None:
@@ -238,16 +202,16 @@ class DeepEarthContext(ApiContext):
         store, at most every ``STORAGE_CHECK_INTERVAL`` s while it answers (``fresh``: now).
         While one thread checks, the others take the last answer.
         """
-        svc = self._service
-        if svc is None:
+        cs = self._cubeset
+        if cs is None:
             return self._open_error
-        if not fresh and not svc.cs.target.is_local and \
+        if not fresh and not cs.target.is_local and \
                 time.monotonic() < self._storage_ok_until:
             return None
         if not self._check_lock.acquire(blocking=False):
             return self._storage_problem
         try:
-            problem = _manifest_problem(svc.cs)
+            problem = _manifest_problem(cs)
             self._storage_ok_until = time.monotonic() + STORAGE_CHECK_INTERVAL \
                 if problem is None else 0.0
             if problem != self._storage_problem:
@@ -257,16 +221,20 @@ class DeepEarthContext(ApiContext):
                     LOG.error(f"DeepEarth: cube set {self.cubeset_url} cannot be read: "
                               f"{problem}")
                 if (problem is None) != (self._storage_problem is None):
-                    self._drop_caches(svc)
+                    self.drop_caches()
                 self._storage_problem = problem
             return problem
         finally:
             self._check_lock.release()
 
-    def _drop_caches(self, svc: DeepEarthService) -> None:
-        """Forget everything read or computed so far (tables, maps, the result cache)."""
-        svc.cs.close()
-        svc.cache = self.cache = ByteLRU(int(self.settings["CacheBytes"]))
+    def drop_caches(self) -> None:
+        """Forget everything read or computed so far: the cube set's tables, maps and memos,
+        and every cache of the shared resources (results, tiles)."""
+        if self._cubeset is not None:
+            clear = getattr(self._cubeset, "clear_caches", None) or self._cubeset.close
+            clear()
+        if self.resources is not None:
+            self.resources.clear_caches()
 
     def _unavailable(self, problem: str) -> Unavailable:
         return Unavailable(f"the cube set {self.cubeset_url} cannot be read: "
@@ -274,20 +242,21 @@ class DeepEarthContext(ApiContext):
 
     def _relative(self, message: str) -> str:
         """``message`` with the cube set's root left out of file paths."""
-        svc = self._service
-        for root in filter(None, (self.cubeset_url, svc and svc.cs.target.root)):
+        cs = self._cubeset
+        for root in filter(None, (self.cubeset_url, cs and cs.target.root)):
             message = message.replace(str(root).rstrip("/") + "/", "")
         return message
 
     def status(self) -> dict[str, Any]:
-        def queued(ex):
-            q = getattr(ex, "_work_queue", None)
-            return q.qsize() if q is not None else None
+        res = self.resources
+        workers = res.workers if res is not None else None
         return {
             "uptime_s": round(time.time() - self.started, 1),
             "workers": int(self.settings["MaxWorkers"]),
-            "queued": queued(self.executor),
-            "heavy_queued": queued(self.heavy_executor),
-            "response_buffer": self.response_budget.stats(),
+            "queued": workers.queued("default") if workers else None,
+            "heavy_queued": workers.queued("heavy") if workers else None,
+            "tiles_queued": workers.queued("tiles") if workers else None,
+            "response_buffer": res.response_budget.stats() if res else None,
             **self.counters,
+            **(workers.counters if workers else {"timeouts": 0, "rejected_busy": 0}),
         }

@@ -1,8 +1,13 @@
-"""The plugin's services: what each endpoint computes, with caching, free of HTTP.
+"""What each DeepEarth endpoint computes: plain functions over the context, free of HTTP.
 
-Every method is synchronous and runs on a worker thread (never on the IO loop). Lookups
-raise :class:`~server.params.NotFound` naming the path parameter; invalid values that
-only the data can judge (slices, species names) raise :class:`~server.params.ParamError`.
+Every function takes the API context first (anything with ``cubeset``, ``cache`` and
+``settings``: :class:`~.context.DeepEarthContext` in a server, :class:`LocalContext` in a
+notebook or test) and typed values (``Query``, ``PageRequest``, ...), is synchronous and runs
+on a worker thread in the server. The routes, the viewer panels and notebooks call the same
+functions, so there is one implementation of each answer.
+
+Lookups raise :class:`~server.common.errors.NotFound` naming the path parameter; values only
+the data can judge (slices, species names) raise :class:`~server.common.errors.ParamError`.
 Computations are delegated to :mod:`cube_gen.access`, :mod:`cube_gen.analysis` and
 :mod:`cube_gen.embedding_math`; this module adds lookups, bounds and the byte-bounded cache.
 """
@@ -10,11 +15,10 @@ Computations are delegated to :mod:`cube_gen.access`, :mod:`cube_gen.analysis` a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from cube_gen import analysis
 from cube_gen import schema as S
@@ -23,293 +27,308 @@ from cube_gen.embedding_math import normalise
 from cube_gen.embedding_math import umap_rgb as compute_umap_rgb
 from cube_gen.errors import NotFoundError
 
-from . import render
-from .cache import ByteLRU
-from .params import NotFound, ParamError
+from .. import render
+from ..common.cache import ByteLRU
+from ..common.errors import NotFound, ParamError
+from ..common.params import PageRequest
+from ..config import DEFAULTS
+from .params import AttentionMap, AttentionStyle, BatchRequest, EmbeddingId, FeatureSlice
 
 
-@dataclass(frozen=True)
-class Filters:
-    """Parsed filter parameters (species still as given by the client)."""
+@dataclass
+class LocalContext:
+    """A context without a server (notebooks, tests): a cube set, a cache and the settings."""
 
-    bbox: tuple[float, float, float, float] | None = None
-    start: pd.Timestamp | None = None
-    end: pd.Timestamp | None = None
-    species: tuple[str, ...] | None = None
-    split: str | None = None
-    has_vision: bool | None = None
+    cubeset: CubeSet
+    cache: ByteLRU = field(default_factory=lambda: ByteLRU(DEFAULTS["CacheBytes"]))
+    settings: dict[str, Any] = field(default_factory=lambda: dict(DEFAULTS))
 
-
-@dataclass(frozen=True)
-class FeatureSlice:
-    frame: slice | str  # a slice or "mean"
-    patch_y: slice
-    patch_x: slice
-    feature: slice
+    @classmethod
+    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> LocalContext:
+        return cls(CubeSet.open(url, storage_options))
 
 
-class DeepEarthService:
-    """Request computations over one cube set, with a shared byte-bounded cache."""
-
-    def __init__(self, cubeset: CubeSet, cache: ByteLRU, settings: dict[str, Any]):
-        self.cs = cubeset
-        self.cache = cache
-        self.settings = settings
-
-    # -- lookups -------------------------------------------------------------------------
-    def query(self, f: Filters) -> Query:
-        species = None
-        if f.species is not None:
-            idx = []
-            for token in f.species:
-                try:
-                    idx.append(analysis.resolve_species(self.cs, token))
-                except NotFoundError:
-                    raise ParamError(
-                        f"parameter 'species': unknown species {token!r}", "species",
-                        "comma-separated taxon ids, scientific names or slugs; see "
-                        "/deepearth/species", token) from None
-            species = tuple(idx)
-        return Query.make(bbox=f.bbox, start=f.start, end=f.end, species=species,
-                          split=f.split, has_vision=f.has_vision)
-
-    def species_index(self, token: str) -> int:
+# -- lookups -------------------------------------------------------------------------------
+def resolve(ctx, q: Query) -> Query:
+    """The query with its species tokens resolved to species indices (400 when unknown)."""
+    if q.species is None or all(isinstance(s, int | np.integer) for s in q.species):
+        return q
+    idx = []
+    for token in q.species:
         try:
-            return analysis.resolve_species(self.cs, token)
-        except NotFoundError as exc:
-            raise NotFound(str(exc), "species", "a taxon id, scientific name or slug listed "
-                           "by /deepearth/species", token) from None
-
-    def image_position(self, gbif_id: int, image_number: int) -> int:
-        positions = self.cs.images_of(gbif_id)
-        if not positions:
-            try:
-                self.cs.obs_position(gbif_id)
-                msg = f"observation {gbif_id} has no vision embedding"
-            except NotFoundError:
-                msg = f"no observation with gbif_id {gbif_id}"
-            raise NotFound(msg, "gbif_id", None, gbif_id)
-        numbers = self.cs.image_table().image_number.to_numpy()[positions]
-        hit = np.flatnonzero(numbers == image_number)
-        if len(hit) == 0:
-            raise NotFound(f"observation {gbif_id} has no embedding for image {image_number}",
-                           "image_number", [int(n) for n in numbers], image_number)
-        return int(positions[int(hit[0])])
-
-    def _obs_position(self, gbif_id: int) -> int:
-        try:
-            return self.cs.obs_position(gbif_id)
+            idx.append(analysis.resolve_species(ctx.cubeset, token))
         except NotFoundError:
-            raise NotFound(f"no observation with gbif_id {gbif_id}", "gbif_id", None,
-                           gbif_id) from None
+            raise ParamError(
+                f"parameter 'species': unknown species {token!r}", "species",
+                "comma-separated taxon ids, scientific names or slugs; see "
+                "/deepearth/species", token) from None
+    return replace(q, species=tuple(idx))
 
-    # -- observations --------------------------------------------------------------------
-    def _selected(self, q: Query) -> np.ndarray:
-        return self.cache.get_or_compute(("obs_select", q), lambda: self.cs.select_observations(q))
 
-    def observations(self, f: Filters, offset: int, limit: int) -> dict[str, Any]:
-        q = self.query(f)
-        positions = self._selected(q)
-        page = positions[offset:offset + limit]
-        records = self.cs.observation_rows(page)
-        nxt = offset + len(page)
-        return {
-            "query": analysis.query_dict(q),
-            "total": int(len(positions)),
-            "offset": offset,
-            "limit": limit,
-            "returned": len(records),
-            "next_offset": nxt if nxt < len(positions) else None,
-            "observations": records,
-        }
+def species_index(ctx, token: str) -> int:
+    try:
+        return analysis.resolve_species(ctx.cubeset, token)
+    except NotFoundError as exc:
+        raise NotFound(str(exc), "species", "a taxon id, scientific name or slug listed "
+                       "by /deepearth/species", token) from None
 
-    def observation(self, gbif_id: int) -> dict[str, Any]:
-        pos = self._obs_position(gbif_id)
-        rec = self.cs.observation_rows(np.array([pos]))[0]
-        t = self.cs.image_table()
-        images = []
-        for p in self.cs.images_of(gbif_id):
-            n = int(t.image_number.iat[p])
-            images.append({
-                "image_number": n,
-                "image_url": rec["image_urls"][n] if n < len(rec["image_urls"]) else None,
-                "stats": self._stats_of(p),
-            })
-        rec["species"] = analysis.species_record(self.cs, rec["species_index"])
-        rec["embeddings"] = images
-        return rec
 
-    # -- species -------------------------------------------------------------------------
-    def species_list(self) -> dict[str, Any]:
-        recs = self.cache.get_or_compute(("species_list",),
-                                         lambda: analysis.species_records(self.cs))
-        return {"count": len(recs), "species": recs}
-
-    def species(self, token: str, offset: int, limit: int) -> dict[str, Any]:
-        idx = self.species_index(token)
-        rec = analysis.species_record(self.cs, idx)
-        umap = self.cs.species.umap.values[idx]
-        rec["umap"] = {a: float(v) for a, v in zip(S.UMAP_AXES, umap, strict=True)}
-        q = Query.make(species=(idx,))
-        positions = self._selected(q)
-        page = positions[offset:offset + limit]
-        nxt = offset + len(page)
-        rec["observations"] = {
-            "total": int(len(positions)), "offset": offset, "limit": limit,
-            "returned": len(page), "next_offset": nxt if nxt < len(positions) else None,
-            "items": self.cs.observation_rows(page),
-        }
-        rec["embeddings"] = analysis.image_records(self.cs, self.cs.select_images(q))
-        return rec
-
-    def similar_species(self, token: str, k: int, include_self: bool) -> dict[str, Any]:
-        idx = self.species_index(token)
-        return {"species": analysis.species_record(self.cs, idx), "k": k,
-                "metric": "cosine of the language embeddings",
-                "results": analysis.similar_species(self.cs, idx, k, include_self)}
-
-    def species_umap(self) -> dict[str, Any]:
-        return self.cache.get_or_compute(("species_umap",),
-                                         lambda: analysis.species_umap(self.cs))
-
-    # -- embeddings ----------------------------------------------------------------------
-    def embeddings(self, f: Filters, offset: int, limit: int) -> dict[str, Any]:
-        q = self.query(f)
-        positions = self.cs.select_images(q)
-        page = positions[offset:offset + limit]
-        nxt = offset + len(page)
-        return {"query": analysis.query_dict(q), "total": int(len(positions)),
-                "offset": offset, "limit": limit, "returned": len(page),
-                "next_offset": nxt if nxt < len(positions) else None,
-                "embeddings": analysis.image_records(self.cs, page)}
-
-    def feature_shape(self) -> tuple[int, ...]:
-        return tuple(int(n) for n in self.cs.vision.features.shape[1:])
-
-    def _tensor(self, pos: int) -> np.ndarray:
-        return self.cache.get_or_compute(("features", pos), lambda: self.cs.features(pos))
-
-    def features(self, gbif_id: int, image_number: int, sl: FeatureSlice,
-                 dtype: str) -> np.ndarray:
-        pos = self.image_position(gbif_id, image_number)
-        t = self._tensor(pos)
-        if sl.frame == "mean":
-            part = t[:, sl.patch_y, sl.patch_x, sl.feature].astype(np.float32).mean(
-                axis=0, keepdims=True)
-        else:
-            part = t[sl.frame, sl.patch_y, sl.patch_x, sl.feature]
-        return np.ascontiguousarray(part, dtype=np.dtype(dtype).newbyteorder("<"))
-
-    def pooled(self, gbif_id: int, image_number: int, dtype: str) -> np.ndarray:
-        pos = self.image_position(gbif_id, image_number)
-        return np.ascontiguousarray(self.cs.pooled([pos])[0],
-                                    dtype=np.dtype(dtype).newbyteorder("<"))
-
-    def attention(self, gbif_id: int, image_number: int, method: str,
-                  frame: str) -> dict[str, Any]:
-        pos = self.image_position(gbif_id, image_number)
-        raw = np.asarray(self.cs.attention(pos, method, frame), np.float32)
-        return {"gbif_id": gbif_id, "image_number": image_number, "method": method,
-                "frame": frame, "shape": list(raw.shape),
-                "min": float(np.nanmin(raw)), "max": float(np.nanmax(raw)),
-                "raw": raw.tolist(), "normalised": normalise(raw).tolist()}
-
-    def attention_png(self, gbif_id: int, image_number: int, method: str, frame: str,
-                      colormap: str, alpha: float, size: int) -> bytes:
-        pos = self.image_position(gbif_id, image_number)
-        key = ("attention_png", pos, method, frame, colormap, alpha, size)
-
-        def make():
-            raw = np.asarray(self.cs.attention(pos, method, frame), np.float32)
-            return render.attention_png(raw, colormap, alpha, size)
-        return self.cache.get_or_compute(key, make)
-
-    def umap_rgb_precomputed(self, gbif_id: int, image_number: int) -> tuple[int, Any]:
-        """``(position, rgb array or None when the cube has none)``."""
-        pos = self.image_position(gbif_id, image_number)
-        return pos, self.cs.umap_rgb(pos)
-
-    def umap_rgb_computed(self, pos: int) -> np.ndarray:
-        """UMAP-RGB computed on demand (cached): the cube was built without it."""
-        return self.cache.get_or_compute(("umap_rgb", pos),
-                                         lambda: compute_umap_rgb(self._tensor(pos)))
-
-    def _stats_of(self, pos: int) -> dict[str, float]:
-        """Per-image statistics from columns read once (the whole ``image`` dim)."""
-        cols = self.cache.get_or_compute(
-            ("stat_columns",),
-            lambda: {k: self.cs.vision[f"stat_{k}"].values for k in S.IMAGE_STATS})
-        return {k: float(v[pos]) for k, v in cols.items()}
-
-    def image_stats(self, gbif_id: int, image_number: int) -> dict[str, Any]:
-        pos = self.image_position(gbif_id, image_number)
-        return {"gbif_id": gbif_id, "image_number": image_number,
-                "stats": self._stats_of(pos), "descriptions": dict(S.IMAGE_STATS)}
-
-    def similar_embeddings(self, gbif_id: int, image_number: int, k: int, f: Filters,
-                           include_self: bool) -> dict[str, Any]:
-        pos = self.image_position(gbif_id, image_number)
-        q = self.query(f)
-        return {"gbif_id": gbif_id, "image_number": image_number, "k": k,
-                "metric": "cosine of the mean-pooled vision vectors",
-                "query": analysis.query_dict(q),
-                "results": analysis.similar_embeddings(self.cs, pos, k, q, include_self)}
-
-    def batch_positions(self, ids: list[tuple[int, int]]) -> np.ndarray:
-        def make():
-            t = self.cs.image_table()
-            return {(int(g), int(n)): i for i, (g, n) in
-                    enumerate(zip(t.gbif_id.to_numpy(), t.image_number.to_numpy(), strict=True))}
-        index = self.cache.get_or_compute(("pair_index",), make,
-                                          lambda d: 200 * len(d) + 64)
-        positions = [index.get((int(g), int(n)), -1) for g, n in ids]
-        missing = [list(ids[j]) for j, p in enumerate(positions) if p < 0]
-        if missing:
-            raise NotFound(f"{len(missing)} of the requested embeddings do not exist, "
-                           f"e.g. {missing[0]}", "ids", None, missing[:20])
-        return np.asarray(positions, np.int64)
-
-    def batch(self, ids: list[tuple[int, int]], kind: str, dtype: str) -> np.ndarray:
-        positions = self.batch_positions(ids)
-        dt = np.dtype(dtype).newbyteorder("<")
-        if kind == "pooled":
-            return np.ascontiguousarray(self.cs.pooled(positions), dtype=dt)
-        out = np.empty((len(positions), *self.feature_shape()), dt)
-        for k in np.argsort(positions, kind="stable"):
-            out[k] = self._tensor(int(positions[k]))
-        return out
-
-    # -- projections and statistics ------------------------------------------------------
-    def vision_umap(self, f: Filters, max_points: int) -> dict[str, Any]:
-        q = self.query(f)
-        key = ("vision_umap", None, 0) if analysis.is_empty(q) else ("vision_umap", q, max_points)
-        return self.cache.get_or_compute(
-            key, lambda: analysis.vision_umap(self.cs, q, max_points=max_points))
-
-    def vision_umap_cached(self, f: Filters, max_points: int) -> dict[str, Any] | None:
-        """The projection when it needs no computing (whole set, or cached); else None."""
-        q = self.query(f)
-        if analysis.is_empty(q):
-            return self.vision_umap(f, max_points)
-        return self.cache.get(("vision_umap", q, max_points))
-
-    def region_stats(self, f: Filters) -> dict[str, Any]:
-        q = self.query(f)
-        return self.cache.get_or_compute(("region", q),
-                                         lambda: analysis.region_statistics(self.cs, q))
-
-    # -- health --------------------------------------------------------------------------
-    def health(self) -> dict[str, Any]:
-        t0 = time.perf_counter()
+def image_position(ctx, emb: EmbeddingId) -> int:
+    """Position along ``image`` of an embedding (404 naming gbif_id or image_number)."""
+    cs = ctx.cubeset
+    positions = cs.images_of(emb.gbif_id)
+    if not positions:
         try:
-            manifest = self.cs.target.read_json(self.cs.target.path(S.MANIFEST))
-            error = None if manifest is not None else f"{S.MANIFEST} is missing"
-        except Exception as exc:  # noqa: BLE001 - reported, never raised
-            manifest, error = None, f"{type(exc).__name__}: {exc}"
-        latency = time.perf_counter() - t0
-        return {
-            "reachable": manifest is not None,
-            "error": error,
-            "latency_ms": round(latency * 1000, 3),
-            "manifest": manifest,
-        }
+            cs.obs_position(emb.gbif_id)
+            msg = f"observation {emb.gbif_id} has no vision embedding"
+        except NotFoundError:
+            msg = f"no observation with gbif_id {emb.gbif_id}"
+        raise NotFound(msg, "gbif_id", None, emb.gbif_id)
+    numbers = cs.image_table().image_number.to_numpy()[positions]
+    hit = np.flatnonzero(numbers == emb.image_number)
+    if len(hit) == 0:
+        raise NotFound(f"observation {emb.gbif_id} has no embedding for image "
+                       f"{emb.image_number}", "image_number", [int(n) for n in numbers],
+                       emb.image_number)
+    return int(positions[int(hit[0])])
+
+
+def _obs_position(ctx, gbif_id: int) -> int:
+    try:
+        return ctx.cubeset.obs_position(gbif_id)
+    except NotFoundError:
+        raise NotFound(f"no observation with gbif_id {gbif_id}", "gbif_id", None,
+                       gbif_id) from None
+
+
+def _page(positions: np.ndarray, page: PageRequest) -> tuple[np.ndarray, dict[str, Any]]:
+    """The page's positions and its paging fields (total, offset, limit, returned,
+    next_offset: null on the last page)."""
+    part = positions[page.offset:page.offset + page.limit]
+    nxt = page.offset + len(part)
+    return part, {"total": int(len(positions)), "offset": page.offset, "limit": page.limit,
+                  "returned": int(len(part)),
+                  "next_offset": nxt if nxt < len(positions) else None}
+
+
+# -- observations --------------------------------------------------------------------------
+def _selected(ctx, q: Query) -> np.ndarray:
+    return ctx.cache.get_or_compute(("obs_select", q),
+                                    lambda: ctx.cubeset.select_observations(q))
+
+
+def observations(ctx, q: Query, page: PageRequest) -> dict[str, Any]:
+    q = resolve(ctx, q)
+    part, meta = _page(_selected(ctx, q), page)
+    return {"query": analysis.query_dict(q), **meta,
+            "observations": ctx.cubeset.observation_rows(part)}
+
+
+def observation(ctx, gbif_id: int) -> dict[str, Any]:
+    cs = ctx.cubeset
+    pos = _obs_position(ctx, gbif_id)
+    rec = cs.observation_rows(np.array([pos]))[0]
+    t = cs.image_table()
+    images = []
+    for p in cs.images_of(gbif_id):
+        n = int(t.image_number.iat[p])
+        images.append({
+            "image_number": n,
+            "image_url": rec["image_urls"][n] if n < len(rec["image_urls"]) else None,
+            "stats": _stats_of(ctx, p),
+        })
+    rec["species"] = analysis.species_record(cs, rec["species_index"])
+    rec["embeddings"] = images
+    return rec
+
+
+# -- species -------------------------------------------------------------------------------
+def species_list(ctx) -> dict[str, Any]:
+    recs = ctx.cache.get_or_compute(("species_list",),
+                                    lambda: analysis.species_records(ctx.cubeset))
+    return {"count": len(recs), "species": recs}
+
+
+def species(ctx, token: str, page: PageRequest) -> dict[str, Any]:
+    cs = ctx.cubeset
+    idx = species_index(ctx, token)
+    rec = analysis.species_record(cs, idx)
+    umap = cs.species.umap.values[idx]
+    rec["umap"] = {a: float(v) for a, v in zip(S.UMAP_AXES, umap, strict=True)}
+    q = Query.make(species=(idx,))
+    part, meta = _page(_selected(ctx, q), page)
+    rec["observations"] = {**meta, "items": cs.observation_rows(part)}
+    rec["embeddings"] = analysis.image_records(cs, cs.select_images(q))
+    return rec
+
+
+def similar_species(ctx, token: str, k: int, include_self: bool = False) -> dict[str, Any]:
+    idx = species_index(ctx, token)
+    return {"species": analysis.species_record(ctx.cubeset, idx), "k": k,
+            "metric": "cosine of the language embeddings",
+            "results": analysis.similar_species(ctx.cubeset, idx, k, include_self)}
+
+
+def species_umap(ctx) -> dict[str, Any]:
+    return ctx.cache.get_or_compute(("species_umap",),
+                                    lambda: analysis.species_umap(ctx.cubeset))
+
+
+# -- embeddings ----------------------------------------------------------------------------
+def embeddings(ctx, q: Query, page: PageRequest) -> dict[str, Any]:
+    q = resolve(ctx, q)
+    part, meta = _page(ctx.cubeset.select_images(q), page)
+    return {"query": analysis.query_dict(q), **meta,
+            "embeddings": analysis.image_records(ctx.cubeset, part)}
+
+
+def feature_shape(ctx) -> tuple[int, ...]:
+    return tuple(int(n) for n in ctx.cubeset.vision.features.shape[1:])
+
+
+def _tensor(ctx, pos: int) -> np.ndarray:
+    return ctx.cache.get_or_compute(("features", pos), lambda: ctx.cubeset.features(pos))
+
+
+def _little(dtype: str) -> np.dtype:
+    return np.dtype(dtype).newbyteorder("<")
+
+
+def features(ctx, emb: EmbeddingId, sl: FeatureSlice, dtype: str) -> np.ndarray:
+    """The (frame, patch_y, patch_x, feature) part of a tensor (``frame=mean``: one frame)."""
+    pos = image_position(ctx, emb)
+    frame, py, px, feat = sl.resolve(feature_shape(ctx))
+    t = _tensor(ctx, pos)
+    if frame == "mean":
+        part = t[:, py, px, feat].astype(np.float32).mean(axis=0, keepdims=True)
+    else:
+        part = t[frame, py, px, feat]
+    return np.ascontiguousarray(part, dtype=_little(dtype))
+
+
+def pooled(ctx, emb: EmbeddingId, dtype: str) -> np.ndarray:
+    pos = image_position(ctx, emb)
+    return np.ascontiguousarray(ctx.cubeset.pooled([pos])[0], dtype=_little(dtype))
+
+
+def attention(ctx, emb: EmbeddingId, att: AttentionMap) -> dict[str, Any]:
+    pos = image_position(ctx, emb)
+    raw = np.asarray(ctx.cubeset.attention(pos, att.method, att.frame), np.float32)
+    return {"gbif_id": emb.gbif_id, "image_number": emb.image_number, "method": att.method,
+            "frame": att.frame, "shape": list(raw.shape),
+            "min": float(np.nanmin(raw)), "max": float(np.nanmax(raw)),
+            "raw": raw.tolist(), "normalised": normalise(raw).tolist()}
+
+
+def attention_png(ctx, emb: EmbeddingId, style: AttentionStyle) -> bytes:
+    pos = image_position(ctx, emb)
+    key = ("attention_png", pos, style.method, style.frame, style.colormap, style.alpha,
+           style.size)
+
+    def make():
+        raw = np.asarray(ctx.cubeset.attention(pos, style.method, style.frame), np.float32)
+        return render.attention_png(raw, style.colormap, style.alpha, style.size)
+    return ctx.cache.get_or_compute(key, make)
+
+
+def umap_rgb_precomputed(ctx, emb: EmbeddingId) -> tuple[int, Any]:
+    """``(position, rgb array or None when the cube has none)``."""
+    pos = image_position(ctx, emb)
+    return pos, ctx.cubeset.umap_rgb(pos)
+
+
+def umap_rgb_computed(ctx, pos: int) -> np.ndarray:
+    """UMAP-RGB computed on demand (cached): the cube was built without it."""
+    return ctx.cache.get_or_compute(("umap_rgb", pos),
+                                    lambda: compute_umap_rgb(_tensor(ctx, pos)))
+
+
+def _stats_of(ctx, pos: int) -> dict[str, float]:
+    """Per-image statistics from columns read once (the whole ``image`` dim)."""
+    cols = ctx.cache.get_or_compute(
+        ("stat_columns",),
+        lambda: {k: ctx.cubeset.vision[f"stat_{k}"].values for k in S.IMAGE_STATS})
+    return {k: float(v[pos]) for k, v in cols.items()}
+
+
+def image_stats(ctx, emb: EmbeddingId) -> dict[str, Any]:
+    pos = image_position(ctx, emb)
+    return {"gbif_id": emb.gbif_id, "image_number": emb.image_number,
+            "stats": _stats_of(ctx, pos), "descriptions": dict(S.IMAGE_STATS)}
+
+
+def similar_embeddings(ctx, emb: EmbeddingId, k: int, q: Query | None = None,
+                       include_self: bool = False) -> dict[str, Any]:
+    pos = image_position(ctx, emb)
+    q = resolve(ctx, q or Query())
+    return {"gbif_id": emb.gbif_id, "image_number": emb.image_number, "k": k,
+            "metric": "cosine of the mean-pooled vision vectors",
+            "query": analysis.query_dict(q),
+            "results": analysis.similar_embeddings(ctx.cubeset, pos, k, q, include_self)}
+
+
+def batch_positions(ctx, ids: list[tuple[int, int]]) -> np.ndarray:
+    def make():
+        t = ctx.cubeset.image_table()
+        return {(int(g), int(n)): i for i, (g, n) in
+                enumerate(zip(t.gbif_id.to_numpy(), t.image_number.to_numpy(), strict=True))}
+    index = ctx.cache.get_or_compute(("pair_index",), make, lambda d: 200 * len(d) + 64)
+    positions = [index.get((int(g), int(n)), -1) for g, n in ids]
+    missing = [list(ids[j]) for j, p in enumerate(positions) if p < 0]
+    if missing:
+        raise NotFound(f"{len(missing)} of the requested embeddings do not exist, "
+                       f"e.g. {missing[0]}", "ids", None, missing[:20])
+    return np.asarray(positions, np.int64)
+
+
+def batch(ctx, req: BatchRequest) -> np.ndarray:
+    """Pooled vectors or full tensors of many embeddings, in the order requested."""
+    positions = batch_positions(ctx, req.ids)
+    dt = _little(req.dtype)
+    if req.kind == "pooled":
+        return np.ascontiguousarray(ctx.cubeset.pooled(positions), dtype=dt)
+    out = np.empty((len(positions), *feature_shape(ctx)), dt)
+    for k in np.argsort(positions, kind="stable"):
+        out[k] = _tensor(ctx, int(positions[k]))
+    return out
+
+
+# -- projections and statistics ------------------------------------------------------------
+def vision_umap(ctx, q: Query, max_points: int) -> dict[str, Any]:
+    q = resolve(ctx, q)
+    key = ("vision_umap", None, 0) if analysis.is_empty(q) else ("vision_umap", q, max_points)
+    return ctx.cache.get_or_compute(
+        key, lambda: analysis.vision_umap(ctx.cubeset, q, max_points=max_points))
+
+
+def vision_umap_cached(ctx, q: Query, max_points: int) -> dict[str, Any] | None:
+    """The projection when it needs no computing (whole set, or cached); else None."""
+    q = resolve(ctx, q)
+    if analysis.is_empty(q):
+        return vision_umap(ctx, q, max_points)
+    return ctx.cache.get(("vision_umap", q, max_points))
+
+
+def region_stats(ctx, q: Query) -> dict[str, Any]:
+    q = resolve(ctx, q)
+    return ctx.cache.get_or_compute(("region", q),
+                                    lambda: analysis.region_statistics(ctx.cubeset, q))
+
+
+# -- health --------------------------------------------------------------------------------
+def cubeset_health(ctx) -> dict[str, Any]:
+    """Whether the manifest can be read now, and how long that took."""
+    cs = ctx.cubeset
+    t0 = time.perf_counter()
+    try:
+        manifest = cs.target.read_json(cs.target.path(S.MANIFEST))
+        error = None if manifest is not None else f"{S.MANIFEST} is missing"
+    except Exception as exc:  # noqa: BLE001 - reported, never raised
+        manifest, error = None, f"{type(exc).__name__}: {exc}"
+    latency = time.perf_counter() - t0
+    return {
+        "reachable": manifest is not None,
+        "error": error,
+        "latency_ms": round(latency * 1000, 3),
+        "manifest": manifest,
+    }

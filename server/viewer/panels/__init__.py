@@ -1,7 +1,7 @@
 """DeepEarth panels for xcube Viewer (a chartlets extension).
 
-The server config names ``server.panels.extension`` under ``Viewer: Augmentation:
-Extensions`` (see :func:`server.viewer_setup.viewer_section`); the panels live in this
+The server config names ``server.viewer.panels.extension`` under ``Viewer: Augmentation:
+Extensions`` (see :func:`server.viewer.setup.viewer_section`); the panels live in this
 importable package so that a config file anywhere finds them.
 
 * :mod:`.observation`: the observation selected on the map, attention maps, statistics,

@@ -1,9 +1,9 @@
-"""Helpers shared by the viewer panels: the service, URLs, formatting, error handling.
+"""Helpers shared by the viewer panels: the API context, URLs, formatting, error handling.
 
 Panel callbacks run synchronously on the server's IO loop. They only read precomputed
-values through the plugin's :class:`~server.service.DeepEarthService` (the same service and
-cache the HTTP endpoints use) and do bounded work; images are loaded by the browser from
-the plugin's PNG endpoints.
+values through the DeepEarth API's controllers (:mod:`server.deepearth.controllers`: the
+same functions and cache the HTTP endpoints use) and do bounded work; images are loaded by
+the browser from the plugin's PNG endpoints.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from chartlets.components import Box, Typography
 from xcube.constants import LOG
 from xcube.server.config import get_reverse_url_prefix
 
-from ..service import DeepEarthService
-from ..viewer_setup import gbif_id_of_place
+from ...deepearth.context import DeepEarthContext
+from ..places import gbif_id_of_place
 
 API_PREFIX = "/deepearth"
 PAGES_PREFIX = "/explore"
@@ -34,13 +34,16 @@ class PanelProblem(Exception):
     """A message for the user instead of panel content (no cube set, unknown id, ...)."""
 
 
-def service(ctx) -> DeepEarthService:
-    """The plugin's service (raises :class:`PanelProblem` when the cube set is unavailable)."""
-    deepearth = ctx.get_api_ctx("deepearth") if ctx is not None else None
-    if deepearth is None:
+def deepearth(ctx) -> DeepEarthContext:
+    """The DeepEarth API's context, the first argument of its controllers (raises
+    :class:`PanelProblem` when the cube set is unavailable)."""
+    api_ctx = ctx.get_api_ctx("deepearth") if ctx is not None else None
+    if api_ctx is None:
         raise PanelProblem("The DeepEarth API is not running in this server.")
     try:
-        return deepearth.service
+        _ = api_ctx.cubeset
+        _ = api_ctx.cache
+        return api_ctx
     except Exception as exc:  # noqa: BLE001 - Unavailable carries a readable message
         raise PanelProblem(f"The cube set is not available: {getattr(exc, 'message', exc)}") \
             from None

@@ -15,17 +15,19 @@ from chartlets.components import Box, Select, VegaChart
 from xcube.webapi.viewer.components import Markdown
 from xcube.webapi.viewer.contrib import Panel
 
-from ..service import Filters
+from cube_gen.access import Query
+
+from ...deepearth import controllers as C
 from .common import (
     COLUMN,
     PAGES_PREFIX,
     ROW,
     api_url,
+    deepearth,
     fmt_time,
     guarded,
     md_escape,
     selected_gbif_id,
-    service,
     url,
 )
 
@@ -61,7 +63,7 @@ def render_panel(ctx, place_id: str | None = None) -> Component:
 # -- data ----------------------------------------------------------------------------------
 def species_frame(ctx) -> pd.DataFrame:
     """One row per species: UMAP x, y, z, names, cluster and colours."""
-    data = service(ctx).species_umap()
+    data = C.species_umap(deepearth(ctx))
     df = pd.DataFrame(data["species"])
     df["key"] = df["species_index"].astype(int)
     return df
@@ -70,8 +72,8 @@ def species_frame(ctx) -> pd.DataFrame:
 def vision_frame(ctx, keep_gbif_id: int | None = None) -> tuple[pd.DataFrame, int]:
     """Embeddings with UMAP x, y, z (at most MAX_VISION_POINTS, evenly strided, always
     keeping those of ``keep_gbif_id``) and the total number of embeddings."""
-    svc = service(ctx)
-    data = svc.vision_umap_cached(Filters(), svc.settings.get("MaxUmapPoints", 5000))
+    de = deepearth(ctx)
+    data = C.vision_umap_cached(de, Query(), de.settings["MaxUmapPoints"])
     if data is None:  # pragma: no cover - the whole-set projection is precomputed
         return pd.DataFrame(), 0
     df = pd.DataFrame(data["points"])
@@ -80,7 +82,7 @@ def vision_frame(ctx, keep_gbif_id: int | None = None) -> tuple[pd.DataFrame, in
         step = -(-total // MAX_VISION_POINTS)
         keep = (df.index % step == 0) | (df["gbif_id"] == (keep_gbif_id or -1))
         df = df[keep]
-    table = service(ctx).cs.species_table()
+    table = de.cubeset.species_table()
     df["cluster"] = table.cluster.to_numpy()[df["species_index"].to_numpy()]
     df["cluster_color"] = table.cluster_color.to_numpy()[df["species_index"].to_numpy()]
     df["key"] = df["gbif_id"].astype(str) + ":" + df["image_number"].astype(str)
@@ -113,7 +115,7 @@ def update_chart(ctx, view: str | None = "species", color_by: str | None = "clus
         sel = None
         if gbif_id is not None:
             try:
-                sel = service(ctx).observation(gbif_id)["species_index"]
+                sel = C.observation(deepearth(ctx), gbif_id)["species_index"]
             except Exception:  # noqa: BLE001 - an unknown id just highlights nothing
                 sel = None
         df["highlight"] = df["species_index"] == (-1 if sel is None else sel)
@@ -160,12 +162,12 @@ def update_info(ctx, picked: dict | None = None, view: str | None = "species",
                 place_id: str | None = None) -> str:
     """Markdown describing the picked species or embeddings (at most 5)."""
     keys = _picked_keys(picked)
-    svc = service(ctx)
+    de = deepearth(ctx)
     lines: list[str] = []
     gbif_id = selected_gbif_id(place_id)
     if gbif_id is not None:
         try:
-            rec = svc.observation(gbif_id)
+            rec = C.observation(de, gbif_id)
             lines.append(f"Selected on the map: *{md_escape(rec['taxon_name'])}*, "
                          f"{fmt_time(rec['time'], 'day')} (outlined in the chart).")
         except Exception:  # noqa: BLE001 - not an observation of this cube set
@@ -174,19 +176,19 @@ def update_info(ctx, picked: dict | None = None, view: str | None = "species",
         wanted = [k for k in keys if isinstance(k, str) and ":" in k][:5]
         for key in wanted:
             gid, n = (int(v) for v in key.split(":"))
-            rec = svc.observation(gid)
+            rec = C.observation(de, gid)
             thumb = api_url(ctx, f"/embeddings/{gid}/{n}/attention.png", size=96)
             lines.append(
                 f"* *{md_escape(rec['taxon_name'])}*, {fmt_time(rec['time'], 'day')}, "
                 f"photo {n + 1} of [GBIF {gid}](https://www.gbif.org/occurrence/{gid}), "
                 f"{rec['split']}\n\n  ![attention]({thumb})")
     else:
-        table = svc.cs.species_table()
+        table = de.cubeset.species_table()
         wanted = [int(k) for k in keys if isinstance(k, int | float) and
                   0 <= int(k) < len(table)][:5]
         for idx in wanted:
             row = table.iloc[idx]
-            similar = svc.similar_species(str(row.taxon_id), 3, False)["results"]
+            similar = C.similar_species(de, str(row.taxon_id), 3)["results"]
             near = ", ".join(f"*{md_escape(r['taxon_name'])}* ({r['score']:.2f})"
                              for r in similar)
             lines.append(

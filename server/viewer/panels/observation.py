@@ -15,13 +15,15 @@ from xcube.webapi.viewer.contrib import Panel
 
 from cube_gen import schema as S
 
-from ..params import ApiProblem
-from ..service import Filters
+from ...common.errors import ApiProblem
+from ...deepearth import controllers as C
+from ...deepearth import params as D
 from .common import (
     COLUMN,
     ROW,
     PanelProblem,
     api_url,
+    deepearth,
     error_box,
     fmt,
     fmt_time,
@@ -30,7 +32,6 @@ from .common import (
     md_escape,
     message,
     selected_gbif_id,
-    service,
 )
 
 panel = Panel(__name__, title="Observation", icon="local_florist", position=5)
@@ -89,9 +90,9 @@ def update_body(ctx, place_id: str | None = None, method: str | None = None,
     gbif_id = selected_gbif_id(place_id)
     if gbif_id is None:
         return Box(id=BODY, style=COLUMN, children=[message(HINT)])
-    svc = service(ctx)
+    de = deepearth(ctx)
     try:
-        rec = svc.observation(gbif_id)
+        rec = C.observation(de, gbif_id)
     except ApiProblem as problem:
         raise PanelProblem(problem.message) from None
     style = {
@@ -108,7 +109,7 @@ def update_body(ctx, place_id: str | None = None, method: str | None = None,
     for emb in rec["embeddings"]:
         children.extend(_embedding(ctx, rec, emb, style))
     if rec["embeddings"]:
-        children.extend(_similar(svc, rec))
+        children.extend(_similar(de, rec))
     return Box(id=BODY, style=COLUMN, children=children)
 
 
@@ -182,9 +183,9 @@ def _embedding(ctx, rec: dict[str, Any], emb: dict[str, Any],
             stats]
 
 
-def _similar(svc, rec: dict[str, Any]) -> list[Component]:
+def _similar(de, rec: dict[str, Any]) -> list[Component]:
     first = int(rec["embeddings"][0]["image_number"])
-    result = svc.similar_embeddings(rec["gbif_id"], first, SIMILAR_K, Filters(), False)
+    result = C.similar_embeddings(de, D.EmbeddingId(rec["gbif_id"], first), SIMILAR_K)
     rows = [[r["rank"], r["taxon_name"], r["time"][:10], r["split"], r["gbif_id"],
              r["image_number"], round(float(r["score"]), 4)] for r in result["results"]]
     table = Table(id="obs_similar", hover=True, columns=[

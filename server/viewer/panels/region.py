@@ -2,7 +2,7 @@
 
 The region is the bounding box of the selected place: a neighbourhood of the selected
 observation (radius chosen in the panel), a drawn polygon's bounding box, or the whole
-cube set when nothing is selected. The numbers come from the plugin service's
+cube set when nothing is selected. The numbers come from the DeepEarth controller
 ``region_stats`` (:func:`cube_gen.analysis.region_statistics`, shared cache), exactly
 those of ``/deepearth/stats/region`` with the same ``bbox``, ``start``, ``end`` and
 ``split``.
@@ -18,8 +18,10 @@ from chartlets.components import Box, Select, VegaChart
 from xcube.webapi.viewer.components import Markdown
 from xcube.webapi.viewer.contrib import Panel
 
-from ..service import Filters
-from .common import COLUMN, ROW, api_url, fmt, guarded, md_escape, service
+from cube_gen.access import Query
+
+from ...deepearth import controllers as C
+from .common import COLUMN, ROW, api_url, deepearth, fmt, guarded, md_escape
 
 panel = Panel(__name__, title="Region statistics", icon="bar_chart", position=7)
 
@@ -115,7 +117,7 @@ def year_range(time_label: str | None) -> tuple[pd.Timestamp, pd.Timestamp] | No
 
 
 def region_filters(geometry: Any, time_label: str | None, radius_m: float, time_mode: str,
-                   split: str) -> tuple[Filters, str, str]:
+                   split: str) -> tuple[Query, str, str]:
     """``(filters, region description, time description)``; ``radius_m`` around a point."""
     bbox, where = region_bbox(geometry, float(radius_m or DEFAULT_RADIUS_M) / 1000)
     start = end = None
@@ -127,8 +129,8 @@ def region_filters(geometry: Any, time_label: str | None, radius_m: float, time_
             when = f"{start.year}"
         else:
             when = "all years (the time slider has no time)"
-    return (Filters(bbox=bbox, start=start, end=end,
-                    split=split if split in ("train", "temporal_test") else None),
+    return (Query.make(bbox=bbox, start=start, end=end,
+                       split=split if split in ("train", "temporal_test") else None),
             where, when)
 
 
@@ -184,7 +186,7 @@ def months_chart(stats: dict[str, Any]) -> alt.Chart:
     )
 
 
-def summary_text(ctx, stats: dict[str, Any], where: str, when: str, f: Filters) -> str:
+def summary_text(ctx, stats: dict[str, Any], where: str, when: str, f: Query) -> str:
     n = stats["observations"]
     split = f", split {f.split}" if f.split else ""
     bbox = stats["query"]["bbox"]
@@ -192,8 +194,8 @@ def summary_text(ctx, stats: dict[str, Any], where: str, when: str, f: Filters) 
     if bbox:
         params["bbox"] = ",".join(f"{v:.6f}" for v in bbox)
     if f.start is not None:
-        params["start"] = f.start.strftime("%Y-%m-%d")
-        params["end"] = f.end.strftime("%Y-%m-%d")
+        params["start"] = pd.Timestamp(f.start).strftime("%Y-%m-%d")
+        params["end"] = pd.Timestamp(f.end).strftime("%Y-%m-%d")
     if f.split:
         params["split"] = f.split
     lines = [
@@ -243,6 +245,6 @@ def update_region(ctx, geometry: dict | None = None, place_id: str | None = None
     """Summary and charts of the region statistics for the current selection."""
     f, where, when = region_filters(geometry, time_label, radius_m or DEFAULT_RADIUS_M,
                                     time_mode or "all", split or "all")
-    stats = service(ctx).region_stats(f)
+    stats = C.region_stats(deepearth(ctx), f)
     return (summary_text(ctx, stats, where, when, f), species_chart(stats), years_chart(stats),
             months_chart(stats))
