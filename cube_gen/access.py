@@ -172,8 +172,9 @@ class CubeSet:
     def vision(self) -> xr.Dataset:
         return self._cached("vision", lambda: self._open(S.VISION))
 
-    def grid(self, level: int = 0) -> xr.Dataset:
-        return self._cached(f"grid{level}", lambda: self._open(S.GRID, f"{int(level)}.zarr"))
+    def grid(self, level: int = 0, cube: str = S.GRID) -> xr.Dataset:
+        """Level ``level`` of a grid pyramid (``cube``: one of :data:`schema.GRID_CUBES`)."""
+        return self._cached(f"{cube}:{level}", lambda: self._open(cube, f"{int(level)}.zarr"))
 
     def zarr_array(self, cube: str, name: str) -> zarr.Array:
         """A zarr array of a cube (read-only, checked)."""

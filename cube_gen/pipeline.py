@@ -222,6 +222,8 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> str:
     digest = source_digest(files)
     if previous is not None and previous.manifest.get("recipe") == fingerprint and \
             previous.manifest.get("source_digest") == digest:
+        if target.fs.exists(target.staging()):  # left by a run killed after its switch
+            target.remove(target.staging())
         if progress:
             tqdm.write(f"cube set at {target.url} is up to date (version {previous.version})")
         return target.url

@@ -9,11 +9,13 @@ Layout of a target (local folder or object-store prefix)::
     versions/<id>/species.zarr
     versions/<id>/vision.zarr
     versions/<id>/grid.levels/
-    <cube> -> versions/<id>/<cube>    on local disks only: links to the current version
+    current -> versions/<id>          on local disks only: a link to the current version,
+    <cube> -> current/<cube>          and fixed links to its cubes
 
 A build stages its cubes under ``.staging/``, copies (S3: server-side copy; disk: rename)
 them to ``versions/<id>/``, writes ``release.json`` there and then switches
-``cubeset.json`` (one PUT on S3, ``os.replace`` on disk). A reader resolves the current
+``cubeset.json`` (one PUT on S3, ``os.replace`` on disk), the source of truth for every
+reader; on disk the ``current`` link follows (one ``os.replace`` of a new link). A reader resolves the current
 version once and reads only below it, so a switch never mixes versions. Cube sets written
 before releases existed (cubes at the top, no ``current``) still open, unversioned.
 """
@@ -185,19 +187,33 @@ def switch(target: Target, version: str, summary: dict[str, Any]) -> None:
         _update_links(target, version)
 
 
+CURRENT_LINK = "current"
+
+
 def _update_links(target: Target, version: str) -> None:
-    """On disk, ``<target>/<cube>`` links to the current version's cube (a convenience)."""
+    """On disk: ``<target>/current -> versions/<id>`` (switched by one ``os.replace`` of a
+    new link) and fixed links ``<target>/<cube> -> current/<cube>``, so that plain path
+    readers also see one version at a time. ``cubeset.json`` stays the source of truth:
+    it is written first, the link follows."""
+    current = target.path(CURRENT_LINK)
+    tmp = f"{current}.tmp-{os.getpid()}"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(os.path.join(VERSIONS, version), tmp)
+    os.replace(tmp, current)
     for cube in S.CUBE_PATHS.values():
         link = target.path(cube)
-        rel = os.path.join(VERSIONS, version, cube)
-        if not os.path.exists(os.path.join(target.root, rel)):
+        want = os.path.join(CURRENT_LINK, cube)
+        if os.path.islink(link) and os.readlink(link) == want:
+            continue
+        if not os.path.exists(os.path.join(target.root, VERSIONS, version, cube)):
             continue
         if os.path.exists(link) and not os.path.islink(link):  # a cube of the old layout
             target.fs.rm(link, recursive=True)
         tmp = f"{link}.tmp-{os.getpid()}"
         if os.path.lexists(tmp):
             os.unlink(tmp)
-        os.symlink(rel, tmp)
+        os.symlink(want, tmp)
         os.replace(tmp, link)
 
 

@@ -26,6 +26,7 @@ class Target:
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = fsspec.core.url_to_fs(
             self.url, **with_timeouts(self.url, self.storage_options))
+        tune(self.fs)
         self.is_local = "file" in _protocols(self.fs)
 
     def path(self, *parts: str) -> str:
@@ -45,11 +46,22 @@ class Target:
         return self.fs.exists(self.path(*parts))
 
     def read_json(self, path: str) -> dict | None:
+        """The JSON document at ``path``; None when absent or unreadable as JSON.
+
+        Raises :class:`~cube_gen.errors.StorageUnavailable` when the store cannot be reached.
+        """
         try:
             with self.fs.open(path, "r") as f:
                 return json.load(f)
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+        except Exception as exc:
+            if is_unavailable(exc):
+                from .errors import StorageUnavailable
+
+                raise StorageUnavailable(f"storage of {self.url} is unavailable reading "
+                                         f"{path}: {type(exc).__name__}: {exc}") from exc
+            raise
 
     def write_json(self, path: str, data: dict) -> None:
         """Write JSON atomically (temp + rename locally; one PUT on object stores)."""
@@ -105,8 +117,10 @@ def zarr_store(url: str, storage_options: dict[str, Any] | None = None, read_onl
     if "://" not in url or url.startswith("file://"):
         path = url[len("file://"):] if url.startswith("file://") else url
         return LocalStore(path, read_only=read_only)
-    return FsspecStore.from_url(url, storage_options=with_timeouts(url, storage_options),
-                                read_only=read_only)
+    store = FsspecStore.from_url(url, storage_options=with_timeouts(url, storage_options),
+                                 read_only=read_only)
+    tune(store.fs)
+    return store
 
 
 _UNAVAILABLE_NAMES = {
@@ -130,8 +144,9 @@ def is_unavailable(exc: BaseException) -> bool:
 
 
 # Object-store calls fail within seconds instead of hanging on a frozen store.
-S3_TIMEOUTS = {"connect_timeout": 3, "read_timeout": 5, "retries": {"max_attempts": 2,
+S3_TIMEOUTS = {"connect_timeout": 2, "read_timeout": 4, "retries": {"max_attempts": 1,
                                                                       "mode": "standard"}}
+S3_RETRIES = 2  # s3fs's own retry loop (its default is 5) on top of botocore's
 
 
 def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
@@ -145,5 +160,11 @@ def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str,
         return opts
     config = {**S3_TIMEOUTS, **dict(opts.get("config_kwargs") or {})}
     opts["config_kwargs"] = config
-    opts.setdefault("retries", 2)  # s3fs's own retry loop on top of botocore's
     return opts
+
+
+def tune(fs):
+    """Bound s3fs's own retry loop so that a frozen store fails within about 10 s."""
+    if "s3" in _protocols(fs) and getattr(fs, "retries", 0) > S3_RETRIES:
+        fs.retries = S3_RETRIES
+    return fs

@@ -22,8 +22,11 @@ Each sample is a dict of tensors::
                   year such as 2021.5 (time_format="year")
     gbif_id, image_number, image   int64 ids and the position along vision.zarr ``image``
 
-The datasets pickle as (url, storage_options, selection); each process (DataLoader
-worker, spawned or forked) opens its own zarr/fsspec handles on first use. ``device``
+``ds.version`` is the cube set version read (the current one when the dataset was made,
+or the ``version=`` pinned): every worker reads that version, so an experiment can record
+and reproduce it. The datasets pickle as (url, storage_options, version, selection); each
+process (DataLoader worker, spawned or forked) opens its own zarr/fsspec handles on first
+use. ``device``
 moves samples to a device in the main process (``"auto"``: CUDA when available, else
 CPU); in worker processes samples stay on the CPU and :func:`make_loader` moves whole
 batches (with pinned memory for CUDA).
@@ -145,7 +148,7 @@ class _CubeSamples:
     """Selection, sample assembly and per-process handles shared by both datasets."""
 
     def __init__(self, cubes: str | os.PathLike | CubeSet, *,
-                 storage_options: dict[str, Any] | None = None,
+                 storage_options: dict[str, Any] | None = None, version: str | None = None,
                  bbox: Sequence[float] | None = None, start: Any = None, end: Any = None,
                  species: Any = None, split: str | None = None,
                  images: Sequence[int] | None = None,
@@ -166,7 +169,9 @@ class _CubeSamples:
             self._cubes: CubeSet | None = cubes
         else:
             self.url, self.storage_options = str(cubes), dict(storage_options or {})
-            self._cubes = None
+            self._cubes = CubeSet.open(self.url, self.storage_options, version=version)
+        # the cube set version read (resolved once: every worker reads this one)
+        self.version: str | None = self._cubes.version
         self._pid = os.getpid()
         self.features = features
         self.dtype = key
@@ -208,7 +213,7 @@ class _CubeSamples:
     def cubes(self) -> CubeSet:
         """The cube set, opened in (and for) the current process."""
         if self._cubes is None or self._pid != os.getpid():
-            self._cubes = CubeSet.open(self.url, self.storage_options)
+            self._cubes = CubeSet.open(self.url, self.storage_options, version=self.version)
             self._pid = os.getpid()
             self._language = None
         return self._cubes
