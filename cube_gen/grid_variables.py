@@ -100,7 +100,10 @@ class GridVariable:
         attrs = {"long_name": self.long_name, "units": self.units,
                  "cell_methods": self.aggregation,
                  "color_bar_name": self.color_bar, "color_value_min": lo,
-                 "color_value_max": hi, "color_norm": self.color_range.norm}
+                 "color_value_max": hi,
+                 # xcube reads color_norm; the log spacing is in the colour stops
+                 # (color_stops), so xcube maps linearly over them
+                 "color_norm": "lin", "color_scale": self.color_range.norm}
         if self.comment:
             attrs["comment"] = self.comment
         attrs.update(self.extra_attrs)
@@ -178,6 +181,63 @@ RGB_COMPOSITE = ("embedding_r", "embedding_g", "embedding_b")
 ORDER = tuple(GRID_VARIABLES)  # the order layers are listed in (server config, viewer)
 
 
+# -- colour maps for xcube (viewer, WMTS) and the WMS -------------------------------------
+CUSTOM_CMAP_PREFIX = "deepearth_"
+_TRANSPARENT = "#00000000"
+
+
+def color_stops(var: GridVariable, vmin: float, vmax: float, n: int = 11,
+                ) -> list[tuple[float, str]]:
+    """``[(value, '#rrggbbaa'), ...]`` in data units: the layer's colour map sampled at ``n``
+    values from ``vmin`` to ``vmax`` (geometric spacing for ``log`` layers), preceded by
+    transparent stops below ``vmin`` for layers whose zero cells are not drawn.
+
+    This is the one definition of a layer's colours: the server config turns it into an
+    xcube custom colour map (:func:`xcube_color_mapping`), the WMS into a matplotlib one
+    (:func:`colormap`).
+    """
+    import matplotlib
+
+    cmap = matplotlib.colormaps[var.color_bar]
+    if var.color_range.norm == "log" and vmin > 0:
+        values = np.geomspace(vmin, vmax, n)
+    else:
+        values = np.linspace(vmin, vmax, n)
+    stops = [(float(f"{v:.6g}"), matplotlib.colors.to_hex(cmap(i / (n - 1)), keep_alpha=True))
+             for i, v in enumerate(values)]
+    if var.color_range.transparent_zero and vmin > 0:
+        stops = [(0.0, _TRANSPARENT), (float(vmin) * 0.999, _TRANSPARENT), *stops]
+    return stops
+
+
+def xcube_color_mapping(var: GridVariable, attrs: dict, dataset_id: str,
+                        ) -> tuple[dict, dict | None]:
+    """``(ColorMappings entry, CustomColorMaps entry or None)`` of a layer for the xcube
+    server config, from the colour range fitted at build time (the variable's attributes)."""
+    vmin = float(attrs.get("color_value_min", var.color_range.vmin))
+    vmax = float(attrs.get("color_value_max", var.color_range.vmax))
+    if var.color_range.kind == "fixed" or var.composite:
+        return {"ColorBar": var.color_bar, "ValueRange": [vmin, vmax]}, None
+    stops = color_stops(var, vmin, vmax)
+    ident = f"{CUSTOM_CMAP_PREFIX}{dataset_id}_{var.name}"
+    custom = {"Identifier": ident, "Type": "continuous",
+              "Colors": [[v, c] for v, c in stops]}
+    # the stops carry the (log) spacing: the mapping itself is linear over them
+    return {"ColorBar": ident, "ValueRange": [stops[0][0], stops[-1][0]]}, custom
+
+
+def colormap(stops: list[tuple[float, str]]):
+    """``(matplotlib colormap, Normalize)`` of colour stops, as xcube builds a custom map."""
+    import matplotlib
+
+    lo, hi = stops[0][0], stops[-1][0]
+    span = (hi - lo) or 1.0
+    items = [((v - lo) / span, c) for v, c in stops]
+    cmap = matplotlib.colors.LinearSegmentedColormap.from_list("deepearth", items)
+    cmap.set_bad((0, 0, 0, 0))
+    return cmap, matplotlib.colors.Normalize(lo, hi, clip=True)
+
+
 def switches() -> list[str]:
     """The recipe's allowed ``cubes.grid.variables`` entries, in registry order."""
     out: list[str] = []
@@ -205,4 +265,5 @@ def lookup(name: str, attrs: dict | None = None) -> GridVariable | None:
 
 
 __all__ = ["ColorRange", "GridVariable", "VariableFamily", "GRID_VARIABLES", "SPECIES_FAMILY",
-           "RGB_COMPOSITE", "ORDER", "switches", "enabled", "lookup"]
+           "RGB_COMPOSITE", "ORDER", "switches", "enabled", "lookup", "color_stops",
+           "xcube_color_mapping", "colormap"]

@@ -31,7 +31,7 @@ def test_integer_range_leaves_at_most_the_top_fraction_at_the_top_colour():
 def test_registry_drives_recipe_switches_and_attributes():
     assert "simpson_diversity" in G.switches() and "embedding_rgb" in G.switches()
     var = G.lookup("observation_density")
-    assert var.units == "km-2" and var.attrs["color_norm"] == "log"
+    assert var.units == "km-2" and var.attrs["color_scale"] == "log"
     sp = G.lookup("count_quercus_virginiana", {"taxon_name": "Quercus virginiana"})
     assert sp.long_name == "observations of Quercus virginiana"
     assert G.lookup("no_such_layer") is None
