@@ -139,6 +139,21 @@ RECIPE_SCHEMA: dict[str, Any] = {
             "umap_rgb": (bool, True, None, "precompute per-image UMAP-RGB images"),
             "batch_size": (int, 8, _positive_int, "embeddings per task (memory bound)"),
         },
+        "patches": {  # patch index (cube_gen/patch_index.py), added by H7
+            "enabled": (bool, False, None, "build the patch index (patches.zarr)"),
+            "kind": (str, "auto", lambda v: None if v in ("auto", "flat", "ivfpq")
+                     else "expected auto, flat or ivfpq", "index kind"),
+            "dims": (int, 256, _positive_int, "PCA dimensions of the IVF-PQ index"),
+            "pq_bytes": (int, 32, _positive_int, "bytes per product-quantised patch"),
+            "nlist": (int, None, lambda v: None if v is None else _positive_int(v),
+                      "inverted lists (null: about 4 sqrt(patches))"),
+            "nprobe": (int, 48, _positive_int, "lists searched per query (default)"),
+            "rerank": (int, 400, _positive_int, "candidates re-ranked exactly (default)"),
+            "train_patches": (int, 200_000, _positive_int, "training sample (patches)"),
+            "exact_below": (int, 20_000, _positive_int, "flat index below this many patches"),
+            "memory_budget_mb": (int, 2048, _positive_int, "the index must fit (MiB)"),
+            "threads": (int, 1, _positive_int, "FAISS threads while building"),
+        },
         "grid": {
             **_ENCODING,
             "zarr_format": (int, 2, _zarr_format, "Zarr format of the pyramid levels"),
