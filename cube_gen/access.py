@@ -305,7 +305,8 @@ class CubeSet:
             sl = slice(c * chunk, min((c + 1) * chunk, n))
             part = self._plain(S.OBSERVATIONS).isel(obs=sl)
             return {k: part[k].values for k in
-                    ("lat", "lon", "time", "species_index", "split", "has_vision")}
+                    ("lat", "lon", "time", "species_index", "split", "has_vision",
+                     "time_precision")}
         return self._cached(f"obs_chunk:{c}", make)
 
     def select_observations(self, query: Query | None = None, **kwargs) -> np.ndarray:
@@ -343,6 +344,8 @@ class CubeSet:
             t = self.image_table()
             cols = {k: t[k].to_numpy() for k in t.columns}
             cols["has_vision"] = np.ones(len(t), bool)
+            cols["time_precision"] = self._plain(S.OBSERVATIONS).time_precision.values[
+                cols["obs_index"]]
             return cols
         return self._cached("image_columns", make)
 

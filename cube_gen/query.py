@@ -15,13 +15,17 @@ import numpy as np
 import pandas as pd
 
 from . import schema as S
+from .phenology import parse_range, phenology_mask
+from .polygon import parse_ring, points_in_polygon, ring_bbox
 
 SPLIT_NAMES = {v: k for k, v in S.SPLIT_CODES.items()}
 
 
 @dataclass(frozen=True)
 class Query:
-    """A selection: bbox (west, south, east, north), time range, species, split, has_vision."""
+    """A selection: bbox (west, south, east, north), time range, species, split, has_vision;
+    phenology (month-of-year, hour-of-day and year ranges, :mod:`cube_gen.phenology`) and
+    a polygon ring of (lon, lat) vertices (:mod:`cube_gen.polygon`)."""
 
     bbox: tuple[float, float, float, float] | None = None
     start: np.datetime64 | None = None
@@ -29,11 +33,19 @@ class Query:
     species: tuple[int | str, ...] | None = None  # species indices, taxon ids, names or slugs
     split: str | None = None
     has_vision: bool | None = None
+    months: tuple[int, int] | None = None  # inclusive, wraps (11, 2): Nov..Feb
+    hours: tuple[int, int] | None = None  # inclusive, wraps; needs hour precision
+    years: tuple[int, int] | None = None  # inclusive
+    polygon: tuple[tuple[float, float], ...] | None = None  # one ring; sets bbox to its box
 
     @staticmethod
     def make(bbox=None, start=None, end=None, species=None, split=None,
-             has_vision=None) -> Query:
+             has_vision=None, months=None, hours=None, years=None, polygon=None) -> Query:
         """A validated query from loose values (sequences, strings, timestamps)."""
+        if polygon is not None:
+            polygon = parse_ring(polygon)
+            if bbox is None:
+                bbox = ring_bbox(polygon)
         if bbox is not None:
             bbox = tuple(float(v) for v in bbox)
             if len(bbox) != 4:
@@ -48,6 +60,8 @@ class Query:
             None if species is None else tuple(
                 s.strip() if isinstance(s, str) else int(s) for s in species),
             split, None if has_vision is None else bool(has_vision),
+            parse_range("months", months), parse_range("hours", hours),
+            parse_range("years", years), polygon,
         )
 
     @property
@@ -64,6 +78,10 @@ class Query:
             "species": None if self.species is None else list(self.species),
             "split": self.split,
             "has_vision": self.has_vision,
+            "months": None if self.months is None else list(self.months),
+            "hours": None if self.hours is None else list(self.hours),
+            "years": None if self.years is None else list(self.years),
+            "polygon": None if self.polygon is None else [list(p) for p in self.polygon],
         }
 
 
@@ -87,6 +105,12 @@ def mask(cols: dict[str, np.ndarray], q: Query, species: tuple[int, ...] | None)
         m &= cols["split"] == S.SPLIT_CODES[q.split]
     if q.has_vision is not None:
         m &= cols["has_vision"] == bool(q.has_vision)
+    if q.months is not None or q.hours is not None or q.years is not None:
+        m &= phenology_mask(cols["time"], cols.get("time_precision"), q.months, q.hours,
+                            q.years)
+    if q.polygon is not None:
+        idx = np.flatnonzero(m)
+        m[idx] = points_in_polygon(cols["lon"][idx], cols["lat"][idx], q.polygon)
     return m
 
 
