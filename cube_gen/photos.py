@@ -9,8 +9,10 @@ embedding carries its species signature, so an attention map drawn over the phot
 ("photo underneath") lights up on the plant. Colours follow the genus (leaf hue) and the
 species (flower hue), so photos of one species look alike.
 
-The server serves the folder when its ``Photos`` setting names it (``make demo`` and the
-tests do): see :func:`photo_path`; real data keeps its iNaturalist URLs.
+The cube build copies them (stage ``photos``, only when the source has a ``photos``
+folder) into ``photos/`` of the cube set, where the viewer routes serve them
+(``/explore/photos/{gbif_id}/{image_number}.jpg``, :func:`read_photo`); real data has no
+such folder and keeps its iNaturalist URLs.
 """
 
 from __future__ import annotations
@@ -104,3 +106,78 @@ def write_photos(root: str | os.PathLike, seed: int, emb_rows: Iterable[tuple[in
         Image.fromarray(pixels).save(path, format="JPEG", quality=JPEG_QUALITY)
         count += 1
     return count
+
+
+# -- the cube build stage: copy the photos of the embedded images into the cube set ----------
+PHOTOS_INDEX = f"{PHOTOS_DIR}/index.json"
+
+
+def _source_fs(recipe):
+    import fsspec
+
+    src = recipe.source
+    return fsspec.core.url_to_fs(str(src["path"]), **(src.get("storage_options") or {}))
+
+
+def source_has_photos(recipe) -> bool:
+    """Whether the recipe's source has a ``photos`` folder (the synthetic source)."""
+    try:
+        fs, root = _source_fs(recipe)
+        return bool(fs.isdir(f"{root.rstrip('/')}/{PHOTOS_DIR}"))
+    except Exception:  # noqa: BLE001 - an unreachable source fails in the main stages
+        return False
+
+
+def build_photos(ctx) -> int:
+    """Stage ``photos``: copy the source photo of every embedded image into staging
+    ``photos/`` plus ``photos/index.json`` ({"photos": [[gbif_id, image_number], ...]})."""
+    import json
+
+    fs, root = _source_fs(ctx.recipe)
+    images = ctx.tables["images"]
+    listed = []
+    for gbif, n in zip(images.gbif_id.to_numpy(), images.image_number.to_numpy(), strict=True):
+        rel = photo_relpath(int(gbif), int(n))
+        src = f"{root.rstrip('/')}/{rel}"
+        if not fs.exists(src):
+            continue
+        with fs.open(src, "rb") as fh:
+            data = fh.read()
+        out = ctx.staging_path(rel)
+        ctx.target.fs.makedirs(out.rsplit("/", 1)[0], exist_ok=True)
+        with ctx.target.fs.open(out, "wb") as fh:
+            fh.write(data)
+        listed.append([int(gbif), int(n)])
+    with ctx.target.fs.open(ctx.staging_path(PHOTOS_INDEX), "w") as fh:
+        json.dump({"photos": listed}, fh)
+    return len(listed)
+
+
+def read_photo(cs, gbif_id: int, image_number: int) -> bytes | None:
+    """The JPEG bytes of a photo in the cube set ``cs``, or None when it has none."""
+    path = cs.target.path(*cs.prefix, photo_relpath(gbif_id, image_number))
+    try:
+        with cs.target.fs.open(path, "rb") as fh:
+            return fh.read()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def photo_index(cs) -> set[tuple[int, int]]:
+    """The (gbif_id, image_number) pairs with a photo in the cube set (empty: none)."""
+    import json
+
+    path = cs.target.path(*cs.prefix, PHOTOS_INDEX)
+    try:
+        with cs.target.fs.open(path, "r") as fh:
+            return {(int(g), int(n)) for g, n in json.load(fh)["photos"]}
+    except (FileNotFoundError, OSError, ValueError, KeyError):
+        return set()
+
+
+def register() -> None:
+    """Register the ``photos`` stage with the cube build (after ``vision``)."""
+    from .pipeline import Stage, register_stage
+
+    register_stage(Stage("photos", (PHOTOS_DIR,), build_photos, enabled=source_has_photos),
+                   after="vision")
