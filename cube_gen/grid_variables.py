@@ -112,7 +112,10 @@ class GridVariable:
     @property
     def legend_title(self) -> str:
         """Title for a colour bar: long name and units (``1`` spelled out as a count)."""
-        units = "" if self.units in ("", "1") else f" ({self.units})"
+        if self.units in ("", "1"):
+            units = " (count per cell)" if self.color_range.integer else " (dimensionless)"
+        else:
+            units = f" ({self.units.replace('km-2', 'per km²')})"
         return f"{self.long_name}{units}"
 
 

@@ -291,13 +291,13 @@ def render_legend(layer: WmsLayer) -> bytes:
     if layer.stops is not None:
         ax = fig.add_axes((0.06, 0.42, 0.88, 0.24))
         cmap, _norm = G.colormap(layer.stops)
-        ax.imshow(np.linspace(0, 1, 256)[None, :], aspect="auto", cmap=cmap,
-                  extent=(0, 1, 0, 1))
         coloured = [(v, c) for v, c in layer.stops if not c.endswith("00")]
         lo, hi = coloured[0][0], coloured[-1][0]
-        span = layer.stops[-1][0] - layer.stops[0][0] or 1.0
+        first, span = layer.stops[0][0], (layer.stops[-1][0] - layer.stops[0][0]) or 1.0
+        ax.imshow(np.linspace((lo - first) / span, 1, 256)[None, :], aspect="auto",
+                  cmap=cmap, vmin=0, vmax=1, extent=(0, 1, 0, 1))
         mid = coloured[len(coloured) // 2][0]
-        ticks = [(v - layer.stops[0][0]) / span for v in (lo, mid, hi)]
+        ticks = [(v - lo) / ((hi - lo) or 1.0) for v in (lo, mid, hi)]
         ax.set_xticks(ticks, [_fmt(lo), _fmt(mid), f"≥ {_fmt(hi)}"], fontsize=7)
         ax.set_yticks([])
         ax.set_xlim(0, 1)
