@@ -1,19 +1,24 @@
 """Per-embedding computations, the one implementation used by recipes, server and ML code.
 
-All functions take a (frame, patch_y, patch_x, feature) array (any float dtype) and
-compute in float32.
+All functions take a (frame, patch_y, patch_x, feature) array (float16 or float32) and
+compute in float32. :func:`embedding_products` computes every per-image product of the
+vision cube in one pass, sharing the frame mean, the per-patch sums and the float32 copy;
+the single-product functions (:func:`attention_summaries`, :func:`pooled_vector`,
+:func:`image_stats`, :func:`umap_rgb`) return exactly the same values.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .schema import ATTENTION_FRAMES, ATTENTION_METHODS
+from .schema import ATTENTION_FRAMES, ATTENTION_METHODS, IMAGE_STATS
 
 N_PCA = 5
+UMAP_EPOCHS = 120  # layout epochs of :func:`umap_layout` (umap-learn uses 500 below 10k points)
 
 
 def single_threaded_blas(func):
@@ -32,26 +37,75 @@ def single_threaded_blas(func):
     return wrapper
 
 
-def _views(feats: np.ndarray) -> np.ndarray:
-    """(9, 576, F) float32: the frame mean followed by the 8 frames, patches flattened."""
-    f = np.asarray(feats, dtype=np.float32)
-    n_frames, py, px, nf = f.shape
-    flat = f.reshape(n_frames, py * px, nf)
-    return np.concatenate([flat.mean(axis=0, keepdims=True), flat], axis=0)
-
-
+# -- shared pieces -------------------------------------------------------------------------
 def _entropy(x: np.ndarray) -> np.ndarray:
+    """Shannon entropy of |x| normalised along the last axis (reference implementation)."""
     a = np.abs(x)
     p = a / np.maximum(a.sum(axis=-1, keepdims=True), 1e-12)
     with np.errstate(divide="ignore", invalid="ignore"):
         return -(np.where(p > 0, p * np.log(p), 0.0)).sum(axis=-1)
 
 
+@functools.cache
+def _xlogx_float16() -> np.ndarray:
+    """``v * log(v)`` (float32) for every non-negative float16 bit pattern (0 for v = 0)."""
+    v = np.arange(1 << 15, dtype=np.uint16).view(np.float16).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(v > 0, v * np.log(np.where(v > 0, v, 1.0)), 0.0)
+    return out.astype(np.float32)
+
+
+def _sum_xlogx(abs_values: np.ndarray, f16: np.ndarray | None = None) -> np.ndarray:
+    """Sum over the last axis of a * log(a) for non-negative ``abs_values``.
+
+    With the float16 tensor the logs come from a 32k-entry table (float16 has no more
+    values), several times faster than ``np.log`` on millions of values.
+    """
+    if f16 is not None:
+        table = _xlogx_float16()
+        return table[f16.view(np.uint16) & np.uint16(0x7FFF)].sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log(abs_values)
+    logs[abs_values == 0] = 0
+    logs *= abs_values
+    return logs.sum(axis=-1)
+
+
+def _entropy_from_sums(s_abs: np.ndarray, s_xlogx: np.ndarray) -> np.ndarray:
+    """H = -sum p log p with p = a / S, written as log S - sum(a log a) / S (0 where S = 0)."""
+    s = s_abs.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = np.where(s > 0, np.log(np.where(s > 0, s, 1)) - s_xlogx / np.where(s > 0, s, 1), 0.0)
+    return np.maximum(h, 0.0)
+
+
+@dataclass
+class _Prepared:
+    """The tensor as (frames, patches, features) float32, with what every product shares."""
+
+    frames: np.ndarray        # (8, P, F) float32
+    mean: np.ndarray          # (P, F) float32, the frame mean
+    f16: np.ndarray | None    # (8, P, F) float16 view of the input when it was float16
+    shape: tuple[int, int, int, int]
+
+
+def _prepare(feats: np.ndarray) -> _Prepared:
+    arr = np.asarray(feats)
+    n_frames, py, px, nf = arr.shape
+    f16 = arr.reshape(n_frames, py * px, nf) if arr.dtype == np.float16 else None
+    frames = arr.reshape(n_frames, py * px, nf).astype(np.float32, copy=False)
+    mean = frames.sum(axis=0)
+    mean *= np.float32(1.0 / n_frames)
+    return _Prepared(frames, mean, f16 if f16 is not None and f16.flags.c_contiguous else None,
+                     (n_frames, py, px, nf))
+
+
+# -- PCA -----------------------------------------------------------------------------------
 def _pca_scores(x: np.ndarray, k: int = N_PCA) -> np.ndarray:
     """Scores (patches, k) of the first k principal components of x (patches, features).
 
-    Signs are fixed so that each component's largest-magnitude score is positive,
-    which makes the result deterministic.
+    Exact (eigen-decomposition of the Gram matrix). Signs are fixed so that each
+    component's largest-magnitude score is positive, which makes the result deterministic.
     """
     xc = (x - x.mean(axis=0, keepdims=True)).astype(np.float32)
     n = xc.shape[0]
@@ -68,6 +122,10 @@ def _pca_scores(x: np.ndarray, k: int = N_PCA) -> np.ndarray:
     else:
         u, s, _ = np.linalg.svd(xc.astype(np.float64), full_matrices=False)
         scores = (u[:, :k_eff] * s[:k_eff]).astype(np.float32)
+    return _fix_signs(scores, k)
+
+
+def _fix_signs(scores: np.ndarray, k: int) -> np.ndarray:
     idx = np.abs(scores).argmax(axis=0)
     signs = np.sign(scores[idx, np.arange(scores.shape[1])])
     signs[signs == 0] = 1
@@ -77,6 +135,139 @@ def _pca_scores(x: np.ndarray, k: int = N_PCA) -> np.ndarray:
     return scores
 
 
+@functools.cache
+def _test_matrix(n_features: int, width: int) -> np.ndarray:
+    return np.random.default_rng(20240601).standard_normal((n_features, width)).astype(np.float32)
+
+
+def pca_scores_fast(x: np.ndarray, k: int = N_PCA, oversample: int = 10, max_iter: int = 12,
+                    tol: float = 1e-3, start: np.ndarray | None = None,
+                    return_basis: bool = False):
+    """Top-k principal component scores of x (patches, features) by randomised subspace
+    iteration, with a convergence check and an exact fallback; same signs as :func:`_pca_scores`.
+
+    Block power iteration on the centred data (never forming a centred copy or the Gram
+    matrix), Rayleigh-Ritz on the block, stopped when every wanted Ritz vector's residual
+    is below ``tol`` times its eigen-gap (Davis-Kahan: the angle to the exact eigenvector
+    is then below ``tol``, a score correlation above 1 - tol**2 / 2). Components the data
+    does not separate (a gap too small to converge within ``max_iter``) are computed by
+    the exact method instead, so the result always matches :func:`_pca_scores`.
+
+    ``start`` (patches, w) is a starting basis, e.g. the converged basis of a similar
+    matrix (the frame mean for each frame: one or two iterations instead of four);
+    ``return_basis`` returns ``(scores, basis)`` for that.
+    """
+    x = np.asarray(x, np.float32)
+    n, d = x.shape
+    width = min(k + oversample, n, d)
+    if width <= k or n < 2:
+        scores = _pca_scores(x, k)
+        return (scores, None) if return_basis else scores
+    mu = x.mean(axis=0)
+
+    def cx(b):   # centred x @ b, b (d, w)
+        return x @ b - (mu @ b)[None, :]
+
+    def cxt(b):  # centred x.T @ b, b (n, w)
+        return x.T @ b - mu[:, None] * b.sum(axis=0)[None, :]
+
+    warm = start is not None and start.shape == (n, width)
+    q = start if warm else np.linalg.qr(cx(_test_matrix(d, width)))[0]
+    for it in range(max_iter):
+        z = cxt(q)                                   # (d, w)
+        small = (z.T.astype(np.float64) @ z)         # q.T G q, (w, w)
+        theta, vecs = np.linalg.eigh(small)
+        theta, vecs = theta[::-1], vecs[:, ::-1]
+        if it >= (0 if warm else 2):
+            u = q.astype(np.float64) @ vecs[:, : k + 1]          # Ritz vectors (n, k+1)
+            gu = cx(z @ vecs[:, : k + 1].astype(np.float32)).astype(np.float64)
+            resid = np.linalg.norm(gu - u * theta[None, : k + 1], axis=0)[:k]
+            gaps = np.minimum(np.r_[np.inf, -np.diff(theta[:k])],
+                              theta[:k] - theta[1: k + 1])
+            if np.all(resid <= tol * np.maximum(gaps, 1e-30)):
+                scores = (u[:, :k] * np.sqrt(np.clip(theta[:k], 0, None))).astype(np.float32)
+                scores = _fix_signs(scores, k)
+                if return_basis:
+                    return scores, (q @ vecs.astype(np.float32))
+                return scores
+        q, _ = np.linalg.qr(cx(z))
+    scores = _pca_scores(x, k)
+    return (scores, None) if return_basis else scores
+
+
+# -- attention summaries, statistics, pooled vector ---------------------------------------
+def _reductions(prep: _Prepared) -> tuple[np.ndarray, dict[str, float]]:
+    """(l2norm, variance, entropy) per view (3, 9, P) float32 and the image statistics."""
+    frames, mean = prep.frames, prep.mean
+    n_frames, _, _, nf = prep.shape
+    n_views = n_frames + 1
+    out = np.empty((3, n_views, frames.shape[1]), np.float32)
+    sq = np.empty((n_views, frames.shape[1]), np.float32)
+    sq[0] = np.einsum("pf,pf->p", mean, mean)
+    sq[1:] = np.einsum("vpf,vpf->vp", frames, frames)
+    s1 = np.empty_like(sq)
+    s1[0] = mean.sum(axis=-1)
+    s1[1:] = frames.sum(axis=-1)
+    out[0] = np.sqrt(sq)
+    m1 = s1.astype(np.float64) / nf
+    out[1] = np.maximum(sq.astype(np.float64) / nf - m1 * m1, 0.0)
+    abs_mean = np.abs(mean)
+    abs_frames = np.abs(frames)
+    s_abs = np.empty_like(sq)
+    s_abs[0] = abs_mean.sum(axis=-1)
+    s_abs[1:] = abs_frames.sum(axis=-1)
+    s_xlogx = np.empty_like(sq)
+    s_xlogx[0] = _sum_xlogx(abs_mean)
+    s_xlogx[1:] = _sum_xlogx(abs_frames, prep.f16)
+    out[2] = _entropy_from_sums(s_abs, s_xlogx)
+    # variance over frames, per (patch, feature), averaged: sum over frames of (x - mean)^2
+    diff = np.subtract(frames, mean[None], out=abs_frames)
+    frame_var = float(np.einsum("vpf,vpf->", diff, diff, dtype=np.float64)) / diff.size
+    stats = {
+        "mean_l2norm": float(out[0, 0].mean(dtype=np.float64)),
+        "mean_entropy": float(out[2, 0].mean(dtype=np.float64)),
+        "mean_patch_variance": float(out[1, 0].mean(dtype=np.float64)),
+        "frame_variance": frame_var,
+    }
+    return out, stats
+
+
+def _summaries(prep: _Prepared, red: np.ndarray) -> np.ndarray:
+    n_frames, py, px, _ = prep.shape
+    out = np.empty((len(ATTENTION_METHODS), n_frames + 1, py * px), np.float32)
+    out[:3] = red
+    scores, basis = pca_scores_fast(prep.mean, return_basis=True)
+    out[3:, 0, :] = scores.T
+    for v in range(n_frames):  # frames are close to their mean: start from its basis
+        out[3:, v + 1, :] = pca_scores_fast(prep.frames[v], start=basis).T
+    return out.reshape(len(ATTENTION_METHODS), len(ATTENTION_FRAMES), py, px)
+
+
+@dataclass
+class EmbeddingProducts:
+    """Every per-image product of the vision cube for one embedding."""
+
+    attention: np.ndarray           # (method 8, frame view 9, patch_y, patch_x) float32
+    pooled: np.ndarray              # (feature,) float32
+    stats: dict[str, float]         # keys of :data:`cube_gen.schema.IMAGE_STATS`
+    umap_rgb: np.ndarray | None     # (patch_y, patch_x, 3) uint8, when asked for
+
+    @property
+    def stats_vector(self) -> np.ndarray:
+        return np.array([self.stats[k] for k in IMAGE_STATS], np.float32)
+
+
+@single_threaded_blas
+def embedding_products(feats: np.ndarray, with_umap_rgb: bool = True) -> EmbeddingProducts:
+    """All per-image products in one pass (what the recipe's vision stage writes)."""
+    prep = _prepare(feats)
+    red, stats = _reductions(prep)
+    attention = _summaries(prep, red)
+    pooled = prep.mean.mean(axis=0, dtype=np.float64).astype(np.float32)
+    rgb = _umap_rgb(prep.mean, prep.shape[1], prep.shape[2]) if with_umap_rgb else None
+    return EmbeddingProducts(attention, pooled, stats, rgb)
+
+
 @single_threaded_blas
 def attention_summaries(feats: np.ndarray) -> np.ndarray:
     """(method 8, frame view 9, patch_y, patch_x) float32 raw (unnormalised) reductions.
@@ -84,15 +275,9 @@ def attention_summaries(feats: np.ndarray) -> np.ndarray:
     Methods in :data:`ATTENTION_METHODS` order, frame views in :data:`ATTENTION_FRAMES`
     order (``mean`` first).
     """
-    n_frames, py, px, _ = np.shape(feats)
-    views = _views(feats)
-    out = np.empty((len(ATTENTION_METHODS), len(ATTENTION_FRAMES), py * px), np.float32)
-    out[0] = np.sqrt(np.einsum("vpf,vpf->vp", views, views))
-    out[1] = views.var(axis=-1)
-    out[2] = _entropy(views)
-    for v in range(views.shape[0]):
-        out[3:, v, :] = _pca_scores(views[v]).T
-    return out.reshape(len(ATTENTION_METHODS), len(ATTENTION_FRAMES), py, px)
+    prep = _prepare(feats)
+    red, _ = _reductions(prep)
+    return _summaries(prep, red)
 
 
 def attention_map(feats: np.ndarray, method: str = "l2norm", frame: str | int = "mean") -> np.ndarray:
@@ -113,22 +298,167 @@ def normalise(values: np.ndarray) -> np.ndarray:
 
 def pooled_vector(feats: np.ndarray) -> np.ndarray:
     """Mean over frames and patches: (feature,) float32."""
-    f = np.asarray(feats, dtype=np.float32)
-    return f.reshape(-1, f.shape[-1]).mean(axis=0)
+    return _prepare(feats).mean.mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
 def image_stats(feats: np.ndarray) -> dict[str, float]:
     """Per-image statistics, keys as in :data:`cube_gen.schema.IMAGE_STATS`."""
-    f = np.asarray(feats, dtype=np.float32)
-    n_frames, py, px, nf = f.shape
-    flat = f.reshape(n_frames, py * px, nf)
-    mean = flat.mean(axis=0)
-    return {
-        "mean_l2norm": float(np.linalg.norm(mean, axis=-1).mean()),
-        "mean_entropy": float(_entropy(mean).mean()),
-        "mean_patch_variance": float(mean.var(axis=-1).mean()),
-        "frame_variance": float(flat.var(axis=0).mean()),
-    }
+    return _reductions(_prepare(feats))[1]
+
+
+# -- UMAP ----------------------------------------------------------------------------------
+# umap-learn's curve parameters for spread 1.0, min_dist 0.1 (umap.umap_.find_ab_params)
+_UMAP_A, _UMAP_B = 1.5769434603113077, 0.8950608779109733
+
+
+def _knn(x: np.ndarray, k: int, metric: str = "cosine", block: int = 2048):
+    """Exact k nearest neighbours of every row (itself first): (indices, distances) (n, k)."""
+    n = len(x)
+    if metric == "cosine":
+        norms = np.linalg.norm(x, axis=1)
+        x = x / np.where(norms > 0, norms, 1)[:, None]
+    elif metric != "euclidean":
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', not {metric!r}")
+    sq = np.einsum("ij,ij->i", x, x)
+    idx = np.empty((n, k), np.int64)
+    dist = np.empty((n, k), np.float64)
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        if metric == "cosine":
+            d = 1.0 - x[lo:hi] @ x.T
+        else:
+            d = sq[lo:hi, None] + sq[None, :] - 2 * (x[lo:hi] @ x.T)
+        np.maximum(d, 0, out=d)
+        d[np.arange(hi - lo), np.arange(lo, hi)] = -1.0  # self first
+        part = np.argpartition(d, k - 1, axis=1)[:, :k] if k < n else \
+            np.broadcast_to(np.arange(n), (hi - lo, n)).copy()
+        kd = np.take_along_axis(d, part, axis=1)
+        order = np.argsort(kd, axis=1, kind="stable")
+        idx[lo:hi] = np.take_along_axis(part, order, axis=1)
+        dist[lo:hi] = np.take_along_axis(kd, order, axis=1)
+    dist[:, 0] = 0.0
+    if metric == "euclidean":
+        np.sqrt(dist, out=dist)
+    return idx, dist
+
+
+def _fuzzy_graph(x: np.ndarray, n_neighbors: int, metric: str = "cosine", knn=None):
+    """UMAP's fuzzy simplicial set of the rows of x, from exact (or given) k-NN.
+
+    Returns the symmetric membership strengths as (heads, tails, weights) of the
+    non-zero entries (both directions) and the sparse matrix, as umap-learn computes them
+    (local connectivity 1, bandwidth 1, set operation mix 1).
+    """
+    from scipy.sparse import csr_matrix
+
+    n = len(x)
+    k = min(n_neighbors, n)
+    idx, kd = knn if knn is not None else _knn(x, k, metric)
+    # rho: distance to the nearest neighbour (local connectivity 1); sigma by bisection
+    pos = np.where(kd[:, 1:] > 0, kd[:, 1:], np.inf)
+    rho = pos.min(axis=1)
+    rho[~np.isfinite(rho)] = 0.0
+    target = np.log2(k)
+    lo, hi, mid = np.zeros(n), np.full(n, np.inf), np.ones(n)
+    rest = kd[:, 1:] - rho[:, None]
+    for _ in range(64):
+        psum = np.where(rest > 0, np.exp(-np.maximum(rest, 0) / mid[:, None]), 1.0).sum(axis=1)
+        done = np.abs(psum - target) < 1e-5
+        high = psum > target
+        hi = np.where(high & ~done, mid, hi)
+        lo = np.where(~high & ~done, mid, lo)
+        mid = np.where(done, mid, np.where(np.isfinite(hi), (lo + hi) / 2, mid * 2))
+        if done.all():
+            break
+    floor = 1e-3 * np.where(rho > 0, kd.mean(axis=1), kd.mean())
+    sigma = np.maximum(mid, floor)
+    w = np.exp(-np.maximum(kd - rho[:, None], 0) / sigma[:, None])
+    w[idx == np.arange(n)[:, None]] = 0.0
+    a = csr_matrix((w.ravel(), (np.repeat(np.arange(n), k), idx.ravel())), shape=(n, n))
+    g = (a + a.T - a.multiply(a.T)).tocoo()
+    keep = g.data > 0
+    return g.row[keep].astype(np.int64), g.col[keep].astype(np.int64), g.data[keep], g.tocsr()
+
+
+def _spectral_init(g: np.ndarray, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """umap-learn's spectral initialisation: eigenvectors of the normalised Laplacian."""
+    from scipy.sparse import diags
+    from scipy.sparse.linalg import eigsh
+
+    n = g.shape[0]
+    deg = np.asarray(g.sum(axis=1)).ravel()
+    dinv = 1.0 / np.sqrt(np.where(deg > 0, deg, 1))
+    m = diags(dinv) @ g @ diags(dinv)
+    try:
+        vals, vecs = eigsh(m, k=dim + 1, which="LA", v0=np.ones(n), tol=1e-4,
+                           ncv=max(2 * dim + 1, 20), maxiter=n * 5)
+        init = vecs[:, np.argsort(vals)[::-1][1: dim + 1]]
+    except Exception:  # no convergence: random start, as umap-learn falls back
+        init = rng.uniform(-10, 10, (n, dim))
+    init = init * (10.0 / max(np.abs(init).max(), 1e-12))
+    return init + rng.normal(0, 1e-4, init.shape)
+
+
+def umap_layout(x: np.ndarray, n_components: int = 3, n_neighbors: int = 15,
+                n_epochs: int = UMAP_EPOCHS, seed: int = 42, metric: str = "cosine",
+                knn=None) -> np.ndarray:
+    """UMAP (cosine, min_dist 0.1, spectral start) of the rows of x: (n, n_components) float32.
+
+    umap-learn's graph and loss, optimised with full-batch epochs in NumPy (each edge
+    and its five negative samples weighted by their expected sampling rate per epoch)
+    instead of per-edge SGD, so it needs no numba compilation (minutes per process on a
+    busy machine) and takes tens of milliseconds for 576 points. Deterministic for a seed.
+    ``knn`` = (indices, distances), each (n, n_neighbors) with the row itself first, replaces
+    the exact neighbour search (e.g. from an approximate index for large n).
+    """
+    x = np.asarray(x, np.float32)
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    if n <= n_components + 1:
+        return np.zeros((n, n_components), np.float32)
+    heads, tails, w, g = _fuzzy_graph(x, n_neighbors, metric, knn)
+    keep = w >= w.max() / n_epochs
+    heads, tails, w = heads[keep], tails[keep], w[keep]
+    y = _spectral_init(g, n_components, rng)
+    span = y.max(axis=0) - y.min(axis=0)
+    y = 10.0 * (y - y.min(axis=0)) / np.where(span > 0, span, 1)
+    a, b = _UMAP_A, _UMAP_B
+    p = w / w.max()
+    n_neg = 5.0  # negative samples per edge sample, drawn as one sample of weight 5
+    e = len(heads)
+    src = np.concatenate([heads, heads])
+    dst = np.concatenate([tails, tails])
+    attract = np.arange(2 * e) < e
+    weight = np.concatenate([p, n_neg * p])
+    cols = [np.ascontiguousarray(y[:, c]) for c in range(n_components)]  # 1-D gathers are fast
+    for epoch in range(n_epochs):
+        alpha = 1.0 - epoch / n_epochs
+        dst[e:] = rng.integers(0, n, e)
+        diffs = [np.take(col, src) - np.take(col, dst) for col in cols]
+        d2 = diffs[0] * diffs[0]
+        for dc in diffs[1:]:
+            d2 += dc * dc
+        pos = d2 > 0
+        d2s = np.where(pos, d2, 1.0)
+        d2b = np.exp(b * np.log(d2s))            # d2 ** b
+        denom = 1 + a * d2b
+        coef = np.where(attract, (-2 * a * b) * d2b / (d2s * denom),
+                        (2 * b) / ((0.001 + d2) * denom))
+        coef *= pos
+        scale = alpha * weight
+        for col, dc in zip(cols, diffs, strict=True):
+            grad = np.clip(coef * dc, -4, 4, out=dc)
+            grad *= scale
+            col += np.bincount(src, grad, n) - np.bincount(tails, grad[:e], n)
+    y = np.stack(cols, axis=1)
+    return y.astype(np.float32)
+
+
+def _umap_rgb(mean: np.ndarray, py: int, px: int, n_neighbors: int = 15, seed: int = 42
+              ) -> np.ndarray:
+    emb = umap_layout(mean, 3, n_neighbors, seed=seed)
+    rgb = np.stack([normalise(emb[:, i]) for i in range(3)], axis=-1)
+    return np.round(rgb * 255).astype(np.uint8).reshape(py, px, 3)
 
 
 @single_threaded_blas
@@ -137,14 +467,20 @@ def umap_rgb(feats: np.ndarray, n_neighbors: int = 15, seed: int = 42) -> np.nda
 
     Each UMAP axis is min-max scaled to [0, 255]. Deterministic for a seed.
     """
+    prep = _prepare(feats)
+    return _umap_rgb(prep.mean, prep.shape[1], prep.shape[2], n_neighbors, seed)
+
+
+def umap_rgb_reference(feats: np.ndarray, n_neighbors: int = 15, seed: int = 42) -> np.ndarray:
+    """UMAP-RGB with umap-learn (the earlier implementation; benchmarks compare to it)."""
     import umap
 
-    f = np.asarray(feats, dtype=np.float32)
-    n_frames, py, px, nf = f.shape
-    mean = f.reshape(n_frames, py * px, nf).mean(axis=0)
-    reducer = umap.UMAP(n_components=3, metric="cosine", n_neighbors=n_neighbors,
-                        random_state=seed, n_jobs=1, init="spectral")
-    emb = reducer.fit_transform(mean)
+    mean = _prepare(feats).mean
+    py, px = np.shape(feats)[1:3]
+    with threadpool_limits(limits=1, user_api="blas"):
+        reducer = umap.UMAP(n_components=3, metric="cosine", n_neighbors=n_neighbors,
+                            random_state=seed, n_jobs=1, init="spectral")
+        emb = reducer.fit_transform(mean)
     rgb = np.stack([normalise(emb[:, i]) for i in range(3)], axis=-1)
     return np.round(rgb * 255).astype(np.uint8).reshape(py, px, 3)
 
@@ -152,7 +488,8 @@ def umap_rgb(feats: np.ndarray, n_neighbors: int = 15, seed: int = 42) -> np.nda
 @single_threaded_blas
 def project_3d(x: np.ndarray, metric: str = "cosine", n_neighbors: int = 15, seed: int = 42,
                standardise: bool = False) -> tuple[np.ndarray, str]:
-    """3-D projection of the rows of x: UMAP when there are enough rows, else PCA.
+    """3-D projection of the rows of x: UMAP (:func:`umap_layout`) when there are enough
+    rows, else PCA.
 
     Returns ``(coords (n, 3) float32, method)``; method is ``"umap"`` or ``"pca"``.
     """
@@ -166,8 +503,6 @@ def project_3d(x: np.ndarray, metric: str = "cosine", n_neighbors: int = 15, see
     if n < 8:
         scores = _pca_scores(x, 3) if n > 1 else np.zeros((n, 3), np.float32)
         return scores[:, :3].astype(np.float32), "pca"
-    import umap
-
-    reducer = umap.UMAP(n_components=3, metric=metric, n_neighbors=min(n_neighbors, n - 1),
-                        random_state=seed, n_jobs=1)
-    return reducer.fit_transform(x).astype(np.float32), "umap"
+    epochs = 200 if n <= 10_000 else 100  # full-batch epochs converge faster than SGD ones
+    return umap_layout(x, 3, min(n_neighbors, n - 1), n_epochs=epochs, seed=seed,
+                       metric=metric), "umap"

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from . import source_layout as L
+from .photos import write_photos
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,23 @@ def _object_mask(rng: np.random.Generator) -> np.ndarray:
     return np.clip(1.2 - (u * u + v * v), 0, 1).astype(np.float32)
 
 
+def _spatial_modes(rng: np.random.Generator) -> np.ndarray:
+    """(24, 24, 1408): a few smooth spatial patterns (parts, shading, position) along random
+    feature directions with decaying strength, so that principal components 2-5 are
+    structure rather than noise, as in real ViT patch features."""
+    y, x = np.mgrid[0:L.N_PATCH, 0:L.N_PATCH] / L.N_PATCH
+    out = np.zeros((L.N_PATCH, L.N_PATCH, L.N_FEATURES), np.float32)
+    for amp in MODE_AMPLITUDES:
+        ky, kx = rng.uniform(-1.5, 1.5, 2)
+        field = np.cos(2 * np.pi * (ky * y + kx * x) + rng.uniform(0, 2 * np.pi))
+        out += (amp * field)[..., None].astype(np.float32) * rng.normal(
+            0, 1, L.N_FEATURES).astype(np.float32)[None, None, :]
+    return out
+
+
+MODE_AMPLITUDES = (0.30, 0.22, 0.16, 0.12, 0.09, 0.065)
+
+
 def synth_embedding(seed: int, signature: np.ndarray, coarse: bool = False) -> np.ndarray:
     """One (8, 24, 24, 1408) float16 embedding: species signature on an object region.
 
@@ -258,6 +276,7 @@ def synth_embedding(seed: int, signature: np.ndarray, coarse: bool = False) -> n
     base = (mask[..., None] * (1.6 * signature[None, None, :])
             + (1 - mask[..., None]) * background[None, None, :]
             + rng.normal(0, 0.3, (L.N_PATCH, L.N_PATCH, L.N_FEATURES)).astype(np.float32))
+    base += _spatial_modes(rng)
     frames = np.empty(L.VISION_SHAPE, np.float32)
     for f in range(L.N_FRAMES):  # near-copies: the same still image, 8 tubelets
         frames[f] = base + rng.normal(0, 0.03, base.shape).astype(np.float32)
@@ -366,6 +385,7 @@ def _write(root: str, p: Preset, seed: int, progress: bool) -> None:
                 index_rows.append((gbif[o], f, row_idx))
                 bar.update(1)
     bar.close()
+    write_photos(root, seed, emb_rows, gbif, sp, species.taxon_name.to_numpy(), progress)
     index = pd.DataFrame(index_rows, columns=["gbif_id", "file_idx", "row_idx"])
     pq.write_table(pa.Table.from_pandas(index, schema=L.VISION_INDEX_SCHEMA, preserve_index=False),
                    f"{root}/{L.VISION_INDEX_FILE}")

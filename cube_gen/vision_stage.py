@@ -92,17 +92,17 @@ def run_task(task: VisionTask, source_url: str, source_options: dict[str, Any],
                 raise SourceError(f"holds gbif_id {gid}, the vision index says {task.gbif_ids[k]}",
                                   file=source.display(embedding_file_name(file_idx)), row=row,
                                   column="gbif_id")
-            summaries = em.attention_summaries(feats)
+            products = em.embedding_products(feats, with_umap_rgb)
             if task.shard:
                 buf_feats[k] = feats
-                att[k] = summaries
+                att[k] = products.attention
             else:
                 features[task.images[k]] = feats
-                attention[task.images[k]] = summaries
-            pooled[k] = em.pooled_vector(feats)
-            stats[k] = list(em.image_stats(feats).values())
+                attention[task.images[k]] = products.attention
+            pooled[k] = products.pooled
+            stats[k] = products.stats_vector
             if with_umap_rgb:
-                rgb[k] = em.umap_rgb(feats)
+                rgb[k] = products.umap_rgb
             done.add((file_idx, row))
     missing = sorted(set(slot) - done)
     if missing:
