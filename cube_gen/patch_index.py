@@ -35,10 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from . import schema as S
 from . import source_layout as L
 from .errors import CubeError
 
-PATCHES_PATH = "patches.zarr"
+PATCHES_PATH = S.CUBE_PATHS[S.PATCHES]
 PATCHES_PER_IMAGE = L.N_PATCH * L.N_PATCH
 INDEX_FORMAT = 1
 _CHUNK_BYTES = 64 << 20  # bytes per chunk of the stored index blob
@@ -116,6 +117,32 @@ class Window:
 
     def as_dict(self) -> dict[str, int]:
         return {"patch_y": [self.y0, self.y1], "patch_x": [self.x0, self.x1]}
+
+
+def parse_range(name: str, text: str, grid: int = L.N_PATCH) -> tuple[int, int]:
+    """``"7"`` -> (7, 8); ``"4:8"`` -> (4, 8) (half-open); ValueError naming ``name``."""
+    allowed = f"an integer in [0, {grid - 1}] or a range a:b with 0 <= a < b <= {grid}"
+    parts = str(text).split(":")
+    if len(parts) > 2 or not all(p.isascii() and p.isdigit() and len(p) <= 4 for p in parts):
+        raise ValueError(f"{name}: expected {allowed}, got {str(text)[:50]!r}")
+    lo = int(parts[0])
+    hi = int(parts[1]) if len(parts) == 2 else lo + 1
+    if not (0 <= lo < hi <= grid):
+        raise ValueError(f"{name}: expected {allowed}, got {str(text)[:50]!r}")
+    return lo, hi
+
+
+def parse_window(py: str, px: str) -> Window:
+    """The window of path segments ``py`` and ``px`` (a patch ``7`` or a range ``4:8``)."""
+    y0, y1 = parse_range("py", py)
+    x0, x1 = parse_range("px", px)
+    return Window(y0, x0, y1, x1)
+
+
+def has_patch_index(cs) -> bool:
+    """Whether the cube set lists a patch index in its manifest."""
+    cubes = (getattr(cs, "manifest", None) or {}).get("cubes") or {}
+    return "patches" in cubes or PATCHES_PATH in cubes.values()
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -354,6 +381,46 @@ def read_index(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     return _faiss().deserialize_index(blob), attrs
 
 
+# -- the pipeline stage -----------------------------------------------------------------------
+def build_stage(ctx) -> dict[str, Any]:
+    """The ``patches`` stage: index the staged vision cube into a staged ``patches.zarr``.
+
+    ``ctx`` is the pipeline's :class:`~cube_gen.pipeline.BuildContext`; the features are
+    read back through zarr from the staged ``vision.zarr`` (one image at a time).
+    """
+    import zarr
+
+    from .store import zarr_store
+
+    spec = IndexSpec.from_recipe(ctx.recipe.cubes["patches"])
+    options = ctx.target.storage_options
+    store = zarr_store(ctx.staging_url(S.CUBE_PATHS[S.VISION]), options, read_only=True)
+    features = zarr.open_array(store, path="features", mode="r")
+    n_images = int(features.shape[0])
+    t0 = time.perf_counter()
+    index, info = build_index(lambda i: features[int(i)], n_images, spec,
+                              int(features.shape[-1]), progress=ctx.progress)
+    attrs = index_attrs(info["plan"], spec, info["stats"], 0)
+    attrs.update({"title": f"{ctx.recipe['metadata']['title']}: patches",
+                  "Conventions": "CF-1.10, ACDD-1.3", "deepearth_recipe": ctx.fingerprint,
+                  "deepearth_schema_version": S.SCHEMA_VERSION})
+    nbytes = write_index(ctx.staging_url(PATCHES_PATH), options, index, attrs)
+    if ctx.progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"[patches] done in {time.perf_counter() - t0:.1f} s ({info['plan'].factory}, "
+                   f"{n_images * PATCHES_PER_IMAGE} patches, {nbytes / 2**20:.1f} MiB)")
+    return {**attrs, "index_bytes": nbytes}
+
+
+def register_patch_stage() -> None:
+    """Register the ``patches`` stage after ``vision`` (enabled by ``cubes.patches.enabled``)."""
+    from .pipeline import Stage, register_stage
+
+    register_stage(Stage("patches", (PATCHES_PATH,), build_stage,
+                         enabled=lambda r: bool(r.cubes["patches"]["enabled"])), after="vision")
+
+
 # -- searching -------------------------------------------------------------------------------
 @dataclass
 class Match:
@@ -548,7 +615,7 @@ def patches_url(cs) -> str:
 
 def open_patch_index(cs) -> PatchIndex:
     """The cube set's patch index, re-ranking on its stored features."""
-    if "patches" not in (cs.manifest.get("cubes") or {}):
+    if not has_patch_index(cs):
         raise CubeError(f"{cs.url} has no patch index (build it with the recipe key "
                         f"cubes.patches.enabled: true)")
     index, attrs = read_index(patches_url(cs), cs.storage_options)

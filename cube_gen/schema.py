@@ -38,6 +38,8 @@ CUBE_PATHS = {
     VISION: "vision.zarr",
     **{g: f"{g}.levels" for g in GRID_CUBES},
 }
+PATCHES = "patches"  # optional cube (recipe cubes.patches.enabled): cube_gen/patch_index.py
+CUBE_PATHS[PATCHES] = "patches.zarr"
 
 SPLIT_CODES = {name: i for i, name in enumerate(L.SPLITS)}  # train 0, temporal_test 1
 ATTENTION_METHODS = ("l2norm", "variance", "entropy", "pca1", "pca2", "pca3", "pca4", "pca5")
