@@ -317,6 +317,9 @@ def _register_builtin_stages() -> None:
     from .patch_index import register_patch_stage  # optional: cubes.patches.enabled (H7)
 
     register_patch_stage()
+    from .photos import register as register_photos_stage  # synthetic sources only (H6)
+
+    register_photos_stage()
 
 
 def _grid_outputs(recipe: Recipe) -> tuple[str, ...]:
