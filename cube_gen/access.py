@@ -299,6 +299,20 @@ class CubeSet:
 
     _species_codes = species_indices
 
+    def query_species(self, q: Query) -> tuple[int, ...] | None:
+        """The species a query selects: its ``species`` tokens and its ``taxa`` search
+        (:func:`cube_gen.taxa.search_species`) together; None when it names none."""
+        species = self.species_indices(q.species)
+        if q.taxa is None:
+            return species
+        from .taxa import search_species
+
+        found = search_species(self.species_table(), q.taxa)
+        hits = tuple(int(i) for i in found) if found is not None else None
+        if species is None or hits is None:
+            return hits if species is None else species
+        return tuple(i for i in species if i in set(hits))
+
     def _obs_chunk(self, c: int, chunk: int, n: int) -> dict[str, np.ndarray]:
         """The filter columns of one observation chunk (read once, then cached)."""
         def make():
@@ -316,7 +330,7 @@ class CubeSet:
         (once: their filter columns are cached).
         """
         q = query or Query.make(**kwargs)
-        species = self.species_indices(q.species)
+        species = self.query_species(q)
         ds = self._plain(S.OBSERVATIONS)
         n = ds.sizes["obs"]
         chunk = int(ds.attrs.get("obs_chunk_size", n or 1))
@@ -402,7 +416,7 @@ class CubeSet:
     def select_images(self, query: Query | None = None, **kwargs) -> np.ndarray:
         """Positions along ``image`` matching the query, ascending."""
         q = query or Query.make(**kwargs)
-        return np.flatnonzero(mask(self._image_columns(), q, self.species_indices(q.species)))
+        return np.flatnonzero(mask(self._image_columns(), q, self.query_species(q)))
 
     def features_array(self) -> zarr.Array:
         """The ``features`` zarr array of vision.zarr (shape, dtype, chunks; checked reads)."""

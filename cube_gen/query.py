@@ -37,10 +37,12 @@ class Query:
     hours: tuple[int, int] | None = None  # inclusive, wraps; needs hour precision
     years: tuple[int, int] | None = None  # inclusive
     polygon: tuple[tuple[float, float], ...] | None = None  # one ring; sets bbox to its box
+    taxa: str | None = None  # a species search (cube_gen.taxa): names, genera, clusters
 
     @staticmethod
     def make(bbox=None, start=None, end=None, species=None, split=None,
-             has_vision=None, months=None, hours=None, years=None, polygon=None) -> Query:
+             has_vision=None, months=None, hours=None, years=None, polygon=None,
+             taxa=None) -> Query:
         """A validated query from loose values (sequences, strings, timestamps)."""
         if polygon is not None:
             polygon = parse_ring(polygon)
@@ -62,6 +64,7 @@ class Query:
             split, None if has_vision is None else bool(has_vision),
             parse_range("months", months), parse_range("hours", hours),
             parse_range("years", years), polygon,
+            str(taxa).strip() if taxa is not None and str(taxa).strip() else None,
         )
 
     @property
@@ -82,6 +85,7 @@ class Query:
             "hours": None if self.hours is None else list(self.hours),
             "years": None if self.years is None else list(self.years),
             "polygon": None if self.polygon is None else [list(p) for p in self.polygon],
+            "taxa": self.taxa,
         }
 
 
