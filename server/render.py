@@ -2,7 +2,8 @@
 
 Attention: the raw (24, 24) map is min-max normalised
 (:func:`cube_gen.embedding_math.normalise`), resized bilinearly to ``size`` x ``size``,
-coloured with a matplotlib colormap and given alpha = value x ``alpha``.
+coloured with a matplotlib colormap and given alpha = value x ``alpha`` (the defaults of
+colour map, alpha and size are in :mod:`server.deepearth.params`).
 """
 
 from __future__ import annotations
@@ -43,8 +44,7 @@ def resize_bilinear(values: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
 
 
-def attention_rgba(raw: np.ndarray, colormap: str = "plasma", alpha: float = 0.7,
-                   size: int = 384) -> np.ndarray:
+def attention_rgba(raw: np.ndarray, colormap: str, alpha: float, size: int) -> np.ndarray:
     """(size, size, 4) uint8 RGBA image of a raw attention map."""
     norm = normalise(raw)
     values = resize_bilinear(norm, size)
@@ -75,12 +75,11 @@ def png_bytes(image: np.ndarray, compress_level: int = 1) -> bytes:
             + _chunk(b"IEND", b""))
 
 
-def attention_png(raw: np.ndarray, colormap: str = "plasma", alpha: float = 0.7,
-                  size: int = 384) -> bytes:
+def attention_png(raw: np.ndarray, colormap: str, alpha: float, size: int) -> bytes:
     return png_bytes(attention_rgba(raw, colormap, alpha, size))
 
 
-def rgb_png(rgb: np.ndarray, size: int = 384, resample: str = "nearest") -> bytes:
+def rgb_png(rgb: np.ndarray, size: int, resample: str = "nearest") -> bytes:
     """PNG of a (h, w, 3) uint8 image, resized to size x size."""
     img = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB")
     if img.size != (size, size):

@@ -117,3 +117,23 @@ def s3_cubes(s3, tiny_source: Path) -> str:
     data["target"]["storage_options"] = s3.storage_options
     run_recipe(parse_recipe(data), progress=False)
     return "s3://deepearth/cubes"
+
+
+@pytest.fixture(scope="session")
+def served(tiny_cubes: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One ``xcube serve`` over ``tiny_cubes`` for the session (``deepearth serve`` config
+    with the small limits of ``server_fixtures.SERVED_PLUGIN``): a
+    :class:`server_fixtures.Served` (``.url``, ``.config``, ``.http``). Shared by the HTTP
+    test modules: do not change its state (tests that break storage start their own)."""
+    import yaml
+    from server_fixtures import SERVED_PLUGIN, Served, serve_cubeset
+
+    workdir = tmp_path_factory.mktemp("served")
+    with serve_cubeset(tiny_cubes, workdir, plugin=SERVED_PLUGIN) as url:
+        yield Served(url, yaml.safe_load((workdir / "config.yml").read_text()))
+
+
+@pytest.fixture(scope="session")
+def http(served):
+    """:class:`server_fixtures.Http` for the shared served cube set."""
+    return served.http

@@ -8,15 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from server_fixtures import serve_cubeset
 
 HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_cubes: Path, tmp_path_factory: pytest.TempPathFactory):
-    with serve_cubeset(str(tiny_cubes), tmp_path_factory.mktemp("fuzz-server")) as url:
-        yield url
+def fuzz_server(served) -> str:
+    """The shared served cube set (tests/conftest.py)."""
+    return served.url
 
 
 def test_schemathesis_finds_no_server_error_and_no_traceback(fuzz_server, tmp_path):

@@ -17,9 +17,8 @@ import pandas as pd
 import pytest
 import requests
 import xarray as xr
-import yaml
 from PIL import Image
-from server_fixtures import serve_cubeset
+from server_fixtures import Http, load_npy
 
 from cube_gen import schema as S
 from cube_gen.access import CubeSet
@@ -31,14 +30,10 @@ SERVER_CONFIG: dict = {}
 
 
 @pytest.fixture(scope="session")
-def server(tiny_cubes: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Base URL of ``xcube serve`` running the ``deepearth serve`` config of tiny_cubes."""
-    workdir = tmp_path_factory.mktemp("xcube-serve")
-    plugin = {"MaxBatchFeatures": 3, "MaxK": 50, "MaxPageSize": 100, "MaxUmapPoints": 100,
-              "RequestTimeout": 60}
-    with serve_cubeset(tiny_cubes, workdir, plugin=plugin) as url:
-        SERVER_CONFIG.update(yaml.safe_load((workdir / "config.yml").read_text()))
-        yield url
+def server(served) -> str:
+    """Base URL of the shared ``xcube serve`` of tiny_cubes (tests/conftest.py ``served``)."""
+    SERVER_CONFIG.update(served.config)
+    return served.url
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +53,11 @@ def cubes(tiny_cubes: Path) -> dict:
 
 
 def get(server: str, path: str, **params) -> requests.Response:
-    return requests.get(server + path, params=params, timeout=TIMEOUT)
+    return Http(server, TIMEOUT).get(path, **params)
 
 
 def ok_json(server: str, path: str, **params):
-    r = get(server, path, **params)
-    assert r.status_code == 200, r.text
-    assert r.headers["Content-Type"].startswith("application/")
-    return r.json()
-
-
-def load_npy(content: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(content), allow_pickle=False)
+    return Http(server, TIMEOUT).json(path, **params)
 
 
 def embedding_ids(cubes) -> list[tuple[int, int]]:

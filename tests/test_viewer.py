@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from server_fixtures import serve_cubeset
 
 from cube_gen.access import CubeSet
 
@@ -40,10 +39,9 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def viewer_url(tiny_cubes, tmp_path_factory) -> str:
-    workdir = tmp_path_factory.mktemp("viewer-serve")
-    with serve_cubeset(tiny_cubes, workdir, plugin={"RequestTimeout": 60}) as url:
-        yield url
+def viewer_url(served) -> str:
+    """The shared served cube set (tests/conftest.py)."""
+    return served.url
 
 
 @pytest.fixture(scope="module")

@@ -499,19 +499,25 @@ def test_viewer_config_json_is_branded():
     assert branding["allowAboutPage"] is True
 
 
-def test_styles_fit_the_data(tiny_cubes):
+def test_styles_fit_the_data_by_the_grid_variable_registry(tiny_cubes):
+    """The viewer shows the config's styles: colours and ranges of the registry
+    (cube_gen.grid_variables), ranges fitted to the data when the cubes were built."""
+    from cube_gen import grid_variables as G
+
     cfg = make_config(str(tiny_cubes))
     grid = CubeSet.open(str(tiny_cubes)).grid(0)
-    m = cfg["Styles"][0]["ColorMappings"]
-    for name in ("observation_count", "species_richness", "vision_count"):
-        v = grid[name].values
-        positive = v[np.isfinite(v) & (v > 0)]
-        assert m[name]["ColorBar"].endswith("_alpha")  # zero is transparent
-        assert m[name]["ValueRange"] == [0.0, float(np.ceil(np.percentile(positive, 99.5)))]
-    assert not m["shannon_diversity"]["ColorBar"].endswith("_alpha")
+    (style,) = [st for st in cfg["Styles"] if st["Identifier"] == f"deepearth-{S.GRID}"]
+    m = style["ColorMappings"]
+    customs = {c["Identifier"]: c["Colors"] for c in cfg["CustomColorMaps"]}
+    transparent = "#00000000"
+    for name in ("observation_count", "species_richness", "vision_count", "shannon_diversity"):
+        var = G.lookup(name)
+        colors = customs[m[name]["ColorBar"]]
+        assert m[name]["ValueRange"] == [colors[0][0], colors[-1][0]]
+        assert colors[-1][0] == pytest.approx(grid[name].attrs["color_value_max"])
+        assert (colors[0][1] == transparent) == var.color_range.transparent_zero, name
+    assert G.lookup("observation_count").color_range.transparent_zero  # zero: base map shows
     assert m["embedding_r"]["ValueRange"] == [0.0, 1.0]
     assert m["rgb"]["Red"]["ValueRange"] == [0.0, 1.0]
     species = [k for k in m if k.startswith(S.TOP_SPECIES_PREFIX)]
-    assert species and all(m[k]["ColorBar"] == "YlOrRd_alpha" for k in species)
-    assert VS.fitted_vmax(np.array([0.0, np.nan]), True) is None
-    assert VS.fitted_vmax(np.array([0.2, 0.4]), False) == pytest.approx(0.399)
+    assert species and all(customs[m[k]["ColorBar"]][0][1] == transparent for k in species)

@@ -31,6 +31,7 @@ import requests
 import xarray as xr
 from PIL import Image
 
+from cube_gen import schema as S
 from server.launch import free_port, make_config, running, write_config
 
 TIMEOUT = 60
@@ -89,15 +90,26 @@ class Served:
         return list(self.config["Datasets"][0]["Variables"])
 
     @property
+    def custom_maps(self) -> dict[str, list]:
+        """The config's custom colour maps: identifier -> [[value, colour], ...]."""
+        return {c["Identifier"]: c["Colors"] for c in self.config.get("CustomColorMaps", [])}
+
+    @property
     def time_labels(self) -> list[str]:
         return [pd.Timestamp(t).strftime("%Y-%m-%d") for t in self.grid.time.values]
 
 
 def wmts_config(cubeset: str, storage_options: dict | None = None) -> dict:
-    """The ``deepearth serve`` config, less one layer's colour mapping: that layer's colours
-    come from the variable's ``color_value_max`` attribute (the schema's) and xcube's
-    default colour bar."""
+    """The ``deepearth serve`` config with the per-year grid dataset only, less one layer's
+    colour mapping: that layer's colours come from the variable's ``color_value_max``
+    attribute (fitted at build time) and its ``color_bar_name``."""
     config = make_config(cubeset, storage_options=storage_options)
+    for holder in [config, *config.get("DataStores", [])]:
+        if "Datasets" in holder:
+            holder["Datasets"] = [d for d in holder["Datasets"] if d["Identifier"] == S.GRID]
+    (dataset,) = config["Datasets"] if "Datasets" in config else \
+        config["DataStores"][0]["Datasets"]
+    config["Styles"] = [st for st in config["Styles"] if st["Identifier"] == dataset["Style"]]
     del config["Styles"][0]["ColorMappings"][ATTR_STYLED]
     return config
 
@@ -137,11 +149,18 @@ def ok_png(r: requests.Response) -> bytes:
     return r.content
 
 
-def expected_rgba(values: np.ndarray, color_bar: str, value_range) -> np.ndarray:
-    """What a colour-mapped tile shows for ``values``: the colour bar (xcube's registry,
-    which adds ``*_alpha`` variants to matplotlib's) over the linear value range, 8 bits."""
+def expected_rgba(values: np.ndarray, color_bar: str, value_range,
+                  custom_maps: dict | None = None) -> np.ndarray:
+    """What a colour-mapped tile shows for ``values``: the colour bar (a custom colour map
+    of the config, else xcube's registry, which adds ``*_alpha`` variants to matplotlib's)
+    over the linear value range, 8 bits."""
     from xcube.util.cmaps import ColormapRegistry
 
+    from cube_gen import grid_variables as G
+
+    if color_bar in (custom_maps or {}):
+        cmap, norm = G.colormap([tuple(c) for c in custom_maps[color_bar]])
+        return (255 * cmap(norm(values))).astype(np.uint8)
     cmap, _ = ColormapRegistry().get_cmap(color_bar)
     if color_bar in matplotlib.colormaps:
         assert np.allclose(cmap(np.linspace(0, 1, 11)),
@@ -243,7 +262,8 @@ def test_gdal_reads_layer_colours_at_a_time(served: Served, tms: str, layer: str
         cols = np.floor((x - gt[0]) / gt[1]).astype(int)
         rows = np.floor((y - gt[3]) / gt[5]).astype(int)
         got = image[:, rows, cols].transpose(1, 2, 0).astype(int)
-        want = expected_rgba(values, style["ColorBar"], style["ValueRange"]).astype(int)
+        want = expected_rgba(values, style["ColorBar"], style["ValueRange"],
+                             served.custom_maps).astype(int)
         diff = np.abs(got - want).max(axis=-1)
         assert (values > 0).sum() > 5  # cells coloured above the bottom of the range
         assert diff.max() <= 2, (f"{(diff > 2).sum()} of {diff.size} cells differ, e.g. "
@@ -302,7 +322,7 @@ def expected_tile(s: Served, var: str, t_index: int, tms: str, z: int, y: int, x
             out[..., k] = (255 * np.nan_to_num(np.ma.filled(norm(v), 0.0))).astype(np.uint8)
         out[..., 3] = np.where(np.isfinite(sum(channels)), 255, 0)
     else:
-        out = expected_rgba(cells(var), style["ColorBar"], style["ValueRange"])
+        out = expected_rgba(cells(var), style["ColorBar"], style["ValueRange"], s.custom_maps)
     out[~inside] = 0
     return out
 

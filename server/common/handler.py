@@ -316,7 +316,7 @@ def endpoint(api: Api, path: str, operation_id: str, summary: str, *,
                                    request_body=request_body)(handle)
         cls = type(_class_name(operation_id), (base,), {
             method: handle, "__doc__": (fn.__doc__ or summary).strip().split("\n")[0],
-            "__module__": fn.__module__})
+            "__module__": fn.__module__, "groups": groups})
         api.route(path)(cls)
         fn.handler_class = cls  # type: ignore[attr-defined]
         return fn

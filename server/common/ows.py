@@ -13,8 +13,6 @@ import xml.etree.ElementTree as ET
 from .errors import ApiProblem
 
 NS_OWS = "http://www.opengis.net/ows/1.1"
-NS_XML = "http://www.w3.org/XML/1998/namespace"
-ET.register_namespace("ows", NS_OWS)
 
 _CODE_OF_STATUS = {400: "InvalidParameterValue", 404: "InvalidParameterValue",
                    405: "OperationNotSupported", 501: "OperationNotSupported"}
@@ -45,11 +43,12 @@ def exception_report(problem: ApiProblem) -> bytes:
     """The ``ows:ExceptionReport`` document of a problem."""
     code = getattr(problem, "code", None) or _CODE_OF_STATUS.get(problem.status,
                                                                  "NoApplicableCode")
-    root = ET.Element(f"{{{NS_OWS}}}ExceptionReport",
-                      {"version": "1.1.0", f"{{{NS_XML}}}lang": "en"})
+    # literal prefixes: ElementTree's global prefix registry is shared by every module
+    root = ET.Element("ows:ExceptionReport",
+                      {"xmlns:ows": NS_OWS, "version": "1.1.0", "xml:lang": "en"})
     attrs = {"exceptionCode": code}
     if problem.parameter:
         attrs["locator"] = str(problem.parameter)
-    exc = ET.SubElement(root, f"{{{NS_OWS}}}Exception", attrs)
-    ET.SubElement(exc, f"{{{NS_OWS}}}ExceptionText").text = problem.message
+    exc = ET.SubElement(root, "ows:Exception", attrs)
+    ET.SubElement(exc, "ows:ExceptionText").text = problem.message
     return ET.tostring(root, encoding="UTF-8", xml_declaration=True)

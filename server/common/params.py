@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from cube_gen import schema as S
-from cube_gen.access import Query
+from cube_gen.query import Query
 
 from .errors import ParamError
 

@@ -6,8 +6,9 @@ notebook or test) and typed values (``Query``, ``PageRequest``, ...), is synchro
 on a worker thread in the server. The routes, the viewer panels and notebooks call the same
 functions, so there is one implementation of each answer.
 
-Lookups raise :class:`~server.common.errors.NotFound` naming the path parameter; values only
-the data can judge (slices, species names) raise :class:`~server.common.errors.ParamError`.
+Lookups are the cube set's (:meth:`CubeSet.image_position`, :meth:`CubeSet.species_index`):
+their ``NotFoundError`` names the parameter and answers 404; values only the data can judge
+(slices, species names in filters) raise :class:`~server.common.errors.ParamError`.
 Computations are delegated to :mod:`cube_gen.access`, :mod:`cube_gen.analysis` and
 :mod:`cube_gen.embedding_math`; this module adds lookups, bounds and the byte-bounded cache.
 """
@@ -21,11 +22,14 @@ from typing import Any
 import numpy as np
 
 from cube_gen import analysis
+from cube_gen import patch_index as PI
 from cube_gen import schema as S
-from cube_gen.access import CubeSet, Query
+from cube_gen.access import CubeSet
 from cube_gen.embedding_math import normalise
 from cube_gen.embedding_math import umap_rgb as compute_umap_rgb
 from cube_gen.errors import NotFoundError
+from cube_gen.patch_index import Window
+from cube_gen.query import Query, paginate
 
 from .. import render
 from ..common.cache import ByteLRU
@@ -48,67 +52,41 @@ class LocalContext:
         return cls(CubeSet.open(url, storage_options))
 
 
-# -- lookups -------------------------------------------------------------------------------
+# -- lookups (the cube set's own: one species resolver, one image lookup) ---------------
 def resolve(ctx, q: Query) -> Query:
-    """The query with its species tokens resolved to species indices (400 when unknown)."""
+    """The query with its species tokens resolved to species indices (400 naming the unknown
+    one: a filter value, not a path)."""
     if q.species is None or all(isinstance(s, int | np.integer) for s in q.species):
         return q
-    idx = []
-    for token in q.species:
-        try:
-            idx.append(analysis.resolve_species(ctx.cubeset, token))
-        except NotFoundError:
-            raise ParamError(
-                f"parameter 'species': unknown species {token!r}", "species",
-                "comma-separated taxon ids, scientific names or slugs; see "
-                "/deepearth/species", token) from None
-    return replace(q, species=tuple(idx))
+    try:
+        return replace(q, species=ctx.cubeset.species_indices(q.species))
+    except NotFoundError as exc:
+        raise ParamError(
+            f"parameter 'species': unknown species {exc.value!r}", "species",
+            "comma-separated taxon ids, scientific names or slugs; see /deepearth/species",
+            exc.value) from None
 
 
 def species_index(ctx, token: str) -> int:
+    """Species index of a path token (404 naming ``species``)."""
     try:
-        return analysis.resolve_species(ctx.cubeset, token)
+        return ctx.cubeset.species_index(token)
     except NotFoundError as exc:
         raise NotFound(str(exc), "species", "a taxon id, scientific name or slug listed "
                        "by /deepearth/species", token) from None
 
 
 def image_position(ctx, emb: EmbeddingId) -> int:
-    """Position along ``image`` of an embedding (404 naming gbif_id or image_number)."""
-    cs = ctx.cubeset
-    positions = cs.images_of(emb.gbif_id)
-    if not positions:
-        try:
-            cs.obs_position(emb.gbif_id)
-            msg = f"observation {emb.gbif_id} has no vision embedding"
-        except NotFoundError:
-            msg = f"no observation with gbif_id {emb.gbif_id}"
-        raise NotFound(msg, "gbif_id", None, emb.gbif_id)
-    numbers = cs.image_table().image_number.to_numpy()[positions]
-    hit = np.flatnonzero(numbers == emb.image_number)
-    if len(hit) == 0:
-        raise NotFound(f"observation {emb.gbif_id} has no embedding for image "
-                       f"{emb.image_number}", "image_number", [int(n) for n in numbers],
-                       emb.image_number)
-    return int(positions[int(hit[0])])
-
-
-def _obs_position(ctx, gbif_id: int) -> int:
-    try:
-        return ctx.cubeset.obs_position(gbif_id)
-    except NotFoundError:
-        raise NotFound(f"no observation with gbif_id {gbif_id}", "gbif_id", None,
-                       gbif_id) from None
+    """Position along ``image`` of an embedding (NotFoundError naming gbif_id or
+    image_number: a 404)."""
+    return ctx.cubeset.image_position(emb.gbif_id, emb.image_number)
 
 
 def _page(positions: np.ndarray, page: PageRequest) -> tuple[np.ndarray, dict[str, Any]]:
     """The page's positions and its paging fields (total, offset, limit, returned,
     next_offset: null on the last page)."""
-    part = positions[page.offset:page.offset + page.limit]
-    nxt = page.offset + len(part)
-    return part, {"total": int(len(positions)), "offset": page.offset, "limit": page.limit,
-                  "returned": int(len(part)),
-                  "next_offset": nxt if nxt < len(positions) else None}
+    p = paginate(positions, page.offset, page.limit)
+    return p.items, p.meta()
 
 
 # -- observations --------------------------------------------------------------------------
@@ -126,7 +104,7 @@ def observations(ctx, q: Query, page: PageRequest) -> dict[str, Any]:
 
 def observation(ctx, gbif_id: int) -> dict[str, Any]:
     cs = ctx.cubeset
-    pos = _obs_position(ctx, gbif_id)
+    pos = cs.obs_position(gbif_id)
     rec = cs.observation_rows(np.array([pos]))[0]
     t = cs.image_table()
     images = []
@@ -265,6 +243,53 @@ def similar_embeddings(ctx, emb: EmbeddingId, k: int, q: Query | None = None,
             "metric": "cosine of the mean-pooled vision vectors",
             "query": analysis.query_dict(q),
             "results": analysis.similar_embeddings(ctx.cubeset, pos, k, q, include_self)}
+
+
+def similar_patches(ctx, emb: EmbeddingId, window: Window, k: int, q: Query | None = None,
+                    include_self: bool = False, group: bool = False,
+                    per_image: int = 3) -> dict[str, Any]:
+    """The k patches (or, grouped, images) most like a patch or patch window of one
+    embedding, across all images: patch index candidates re-ranked exactly on the stored
+    features (:func:`cube_gen.patch_index.similar_patches`)."""
+    cs = ctx.cubeset
+    pos = image_position(ctx, emb)
+    if not PI.has_patch_index(cs):
+        raise NotFound("this cube set has no patch index (build it with the recipe key "
+                       "cubes.patches.enabled: true)", "patches", None, None)
+    q = resolve(ctx, q or Query())
+    pindex = cs.memo("patch_index", lambda: PI.open_patch_index(cs))
+    result = PI.similar_patches(cs, pindex, pos, window, k, None if analysis.is_empty(q) else q,
+                                include_self, group, per_image)
+    return {"gbif_id": emb.gbif_id, "image_number": emb.image_number,
+            "query": analysis.query_dict(q), "grouped": group, **result}
+
+
+def patch_crop_png(ctx, emb: EmbeddingId, window: Window, style: AttentionStyle,
+                   margin: int) -> bytes:
+    """PNG of the attention map around a patch window (``margin`` patches of context),
+    normalised over the whole image, the window outlined; longest side ``style.size``."""
+    pos = image_position(ctx, emb)
+    key = ("patch_crop", pos, window, style, margin)
+
+    def make() -> bytes:
+        raw = np.asarray(ctx.cubeset.attention(pos, style.method, style.frame), np.float32)
+        grid = raw.shape[0]
+        y0, x0 = max(window.y0 - margin, 0), max(window.x0 - margin, 0)
+        y1, x1 = min(window.y1 + margin, grid), min(window.x1 + margin, grid)
+        scale = max(1, min(-(-style.size // max(y1 - y0, x1 - x0)), 2048 // grid))
+        rgba = render.attention_rgba(raw, style.colormap, style.alpha, grid * scale)
+        crop = rgba[y0 * scale:y1 * scale, x0 * scale:x1 * scale].copy()
+        t, b = (window.y0 - y0) * scale, (window.y1 - y0) * scale
+        left, r = (window.x0 - x0) * scale, (window.x1 - x0) * scale
+        w = max(1, scale // 8)
+        for colour, inset in (((0, 0, 0, 255), 0), ((255, 255, 255, 255), w)):
+            a, bb, c, d = t + inset, b - inset, left + inset, r - inset
+            crop[a:a + w, c:d] = colour
+            crop[bb - w:bb, c:d] = colour
+            crop[a:bb, c:c + w] = colour
+            crop[a:bb, d - w:d] = colour
+        return render.png_bytes(crop)
+    return ctx.cache.get_or_compute(key, make)
 
 
 def batch_positions(ctx, ids: list[tuple[int, int]]) -> np.ndarray:

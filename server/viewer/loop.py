@@ -142,23 +142,8 @@ def pick(cs, lon: float, lat: float, radius_m: float,
 
 
 def warm_time_indexes(datasets_ctx, dataset_ids: list[str]) -> int:
-    """Build the non-spatial pandas indexes of every level of the datasets (see the module
-    docstring); returns how many indexes were built. Datasets that fail to open are left
-    to xcube (it reports them on first use)."""
-    built = 0
-    for ds_id in dataset_ids:
-        try:
-            ml = datasets_ctx.get_ml_dataset(ds_id)
-            levels = [ml.get_dataset(i) for i in range(ml.num_levels)]
-        except Exception:  # noqa: BLE001 - xcube answers for a broken dataset itself
-            continue
-        for ds in levels:
-            for name, index in ds.indexes.items():
-                if name in ("lat", "lon", "x", "y"):
-                    continue
-                _ = index.is_unique, index.is_monotonic_increasing
-                if len(index):
-                    index.get_indexer(index[:1], method="nearest" if index.is_monotonic_increasing
-                                      or index.is_monotonic_decreasing else None)
-                built += 1
-    return built
+    """Build the pandas indexes of every level of the datasets before requests arrive (see
+    the module docstring and :func:`server.common.datasets.warm_datasets`)."""
+    from ..common.datasets import warm_datasets
+
+    return warm_datasets(datasets_ctx, dataset_ids)

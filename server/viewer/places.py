@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..render import png_bytes
+
 PLACE_GROUP_ID = "observations"
 VISION_PLACE_GROUP_ID = "observations-with-embeddings"
 PLACE_ID_PREFIX = "obs-"
@@ -152,9 +154,8 @@ class PointTiles:
 
     def empty_png(self) -> bytes:
         if self._empty is None:
-            from PIL import Image
 
-            self._empty = _png(Image.new("RGBA", (TILE_SIZE, TILE_SIZE), (0, 0, 0, 0)))
+            self._empty = png_bytes(np.zeros((TILE_SIZE, TILE_SIZE, 4), np.uint8))
         return self._empty
 
     def png(self, z: int, x: int, y: int, keep: np.ndarray | None = None) -> bytes:
@@ -179,13 +180,5 @@ class PointTiles:
         for i, cx, cy in zip(hits.tolist(), px.tolist(), py.tolist(), strict=True):
             draw.ellipse((cx - rr, cy - rr, cx + rr, cy + rr), fill=(*self.rgb[i], 255),
                          outline=outline, width=k if outline else 0)
-        return _png(image.resize((TILE_SIZE, TILE_SIZE), Image.Resampling.LANCZOS))
-
-
-def _png(image) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
+        return png_bytes(np.asarray(image.resize((TILE_SIZE, TILE_SIZE),
+                                                 Image.Resampling.LANCZOS)))

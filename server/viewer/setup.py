@@ -5,8 +5,8 @@
   into the gitignored ``viewer/.dist/`` (the bundle itself is never committed);
 * :func:`viewer_section` and :func:`viewer_static_routes`: the server config entries that
   point xcube at ``viewer/`` (branding), the panels package and that copy;
-* :func:`tune_styles`: colour maps and value ranges of the grid layers fitted to the data
-  (zero counts transparent, ranges from the data's upper percentile).
+* map layer styles are not made here: :mod:`server.launch` writes them from the
+  grid-variable registry (:mod:`cube_gen.grid_variables`).
 
 The observations' place groups and dot tiles are in :mod:`.places`.
 """
@@ -21,8 +21,6 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 LOG = logging.getLogger("xcube")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -75,62 +73,12 @@ def add_viewer_config(config: dict[str, Any], cubeset: str,
                       storage_options: dict[str, Any] | None = None,
                       repo_root: Path = REPO_ROOT) -> None:
     """The viewer's additions to a ``deepearth serve`` config (in place): the ``/viewer``
-    static route to the prepared copy and map layer styles fitted to the data."""
+    static route to the prepared copy. (Map layer styles come from the grid-variable
+    registry, :mod:`cube_gen.grid_variables`, with ranges fitted when the cubes were built:
+    :mod:`server.launch` writes them; the viewer shows what the config says.)"""
     routes = viewer_static_routes(repo_root)
     if routes:
         config["static_routes"] = [*config.get("static_routes", []), *routes]
-    if config.get("Styles"):
-        from cube_gen.access import CubeSet
-
-        try:
-            tune_styles(config, CubeSet.open(cubeset, storage_options or None).grid(0))
-        except Exception as exc:  # noqa: BLE001 - the schema's ranges still work
-            LOG.warning("DeepEarth viewer: map styles not fitted to the data (%s: %s)",
-                        type(exc).__name__, exc)
-
-
-# -- map layer styles ----------------------------------------------------------------------
-COUNT_VARIABLES = ("observation_count", "species_richness", "vision_count")
-RANGE_PERCENTILE = 99.5  # of the positive values: a few very busy cells do not wash out the rest
-
-
-def fitted_vmax(values: np.ndarray, integer: bool) -> float | None:
-    """Upper end of a colour range: the RANGE_PERCENTILE of the positive finite values."""
-    v = np.asarray(values, dtype=np.float64).ravel()
-    v = v[np.isfinite(v) & (v > 0)]
-    if v.size == 0:
-        return None
-    top = float(np.percentile(v, RANGE_PERCENTILE))
-    if integer:
-        return float(max(1, int(np.ceil(top))))
-    return float(f"{top:.3g}") if top > 0 else None
-
-
-def tune_styles(config: dict[str, Any], grid) -> None:
-    """Fit the ``Styles`` colour mappings of the config to the grid's level 0 (in place).
-
-    Count layers (observations, species richness, vision count, top-species counts) get
-    the colour map's ``_alpha`` variant (zero transparent, so the base map and the
-    observation points stay visible) and a value range from 0 to the 99.5th percentile
-    of the positive cell values; other scalar layers keep their colour map and get the
-    same kind of range. RGB composites are left alone.
-    """
-    from cube_gen import schema as S
-
-    for style in config.get("Styles", []) or []:
-        for name, mapping in (style.get("ColorMappings") or {}).items():
-            if ("ColorBar" not in mapping or name not in grid.data_vars
-                    or name.startswith("embedding_")  # composites: keep [0, 1]
-                    # fitted at build time (cube_gen.grid_variables): keep
-                    or str(mapping["ColorBar"]).startswith("deepearth_")):
-                continue
-            is_count = name in COUNT_VARIABLES or name.startswith(S.TOP_SPECIES_PREFIX)
-            vmax = fitted_vmax(grid[name].values, integer=is_count)
-            if vmax is not None:
-                mapping["ValueRange"] = [0.0, vmax]
-            bar = str(mapping["ColorBar"])
-            if is_count and not bar.endswith("_alpha"):
-                mapping["ColorBar"] = f"{bar}_alpha"
 
 
 # -- the prepared viewer copy --------------------------------------------------------------

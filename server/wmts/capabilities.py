@@ -20,20 +20,23 @@ NS_WMTS = "http://www.opengis.net/wmts/1.0"
 NS_OWS = "http://www.opengis.net/ows/1.1"
 NS_XLINK = "http://www.w3.org/1999/xlink"
 NS_XSI = "http://www.w3.org/2001/XMLSchema-instance"
-for _prefix, _uri in (("", NS_WMTS), ("ows", NS_OWS), ("xlink", NS_XLINK), ("xsi", NS_XSI)):
-    ET.register_namespace(_prefix, _uri)
+# Names are written with literal prefixes and the root declares them: ElementTree's global
+# prefix registry is shared with every other module of the process (the WMS registers its
+# own default namespace), so it is not used here.
+_NAMESPACES = {"xmlns": NS_WMTS, "xmlns:ows": NS_OWS, "xmlns:xlink": NS_XLINK,
+               "xmlns:xsi": NS_XSI}
 
 
 def _ows(tag: str) -> str:
-    return f"{{{NS_OWS}}}{tag}"
+    return f"ows:{tag}"
 
 
 def _wmts(tag: str) -> str:
-    return f"{{{NS_WMTS}}}{tag}"
+    return tag
 
 
 def _sub(parent: ET.Element, tag: str, text: Any = None, **attrs: str) -> ET.Element:
-    el = ET.SubElement(parent, tag, {(f"{{{NS_XLINK}}}href" if k == "xlink__href" else k): v
+    el = ET.SubElement(parent, tag, {("xlink:href" if k == "xlink__href" else k): v
                                      for k, v in attrs.items()})
     if text is not None:
         el.text = str(text)
@@ -60,7 +63,8 @@ def capabilities_xml(layers: Mapping[str, Layer], urls: ServiceUrls,
     """WMTSCapabilities.xml with both tile matrix sets; ``pinned``: layer -> default step."""
     root = ET.Element(_wmts("Capabilities"), {
         "version": WMTS_VERSION,
-        f"{{{NS_XSI}}}schemaLocation": f"{NS_WMTS} http://schemas.opengis.net/wmts/1.0/"
+        **_NAMESPACES,
+        "xsi:schemaLocation": f"{NS_WMTS} http://schemas.opengis.net/wmts/1.0/"
                                        "wmtsGetCapabilities_response.xsd",
     })
     ident = _sub(root, _ows("ServiceIdentification"))

@@ -17,13 +17,13 @@ TILE_CACHE = "wmts-tiles"  # name of the tile cache in the shared resources
 
 
 class WmtsContext(ApiContext):
-    """Layers of every gridded dataset; tiles cached in the server's shared resources."""
+    """Layers of every gridded dataset; tiles, legends and capabilities documents cached in
+    the server's shared resources."""
 
     def __init__(self, server_ctx: Context):
         super().__init__(server_ctx)
         self._layers: dict[str, Layer] | None = None
         self._lock = threading.Lock()
-        self.capabilities_cache: dict[tuple, bytes] = {}  # (urls, time) -> XML
         self._own: Resources | None = None
 
     def on_dispose(self):

@@ -12,8 +12,6 @@ from .context import WmtsContext
 from .layers import Layer
 from .tiles import TileRequest, render_legend, render_tile
 
-MAX_CAPABILITIES = 64  # cached documents (base URLs x pinned times)
-
 
 def layers(ctx: WmtsContext) -> dict[str, Layer]:
     return ctx.layers()
@@ -22,20 +20,16 @@ def layers(ctx: WmtsContext) -> dict[str, Layer]:
 def capabilities(ctx: WmtsContext, urls: ServiceUrls, time: str | None = None) -> bytes:
     """The capabilities document; ``time`` makes that step every layer's advertised default."""
     time = time.strip() if time and time.strip() else None
-    key = (urls, time)
-    xml = ctx.capabilities_cache.get(key)
-    if xml is None:
+
+    def make() -> bytes:
         all_layers = ctx.layers()
         pinned = None
         if time is not None:
             pinned = {lid: layer.time.resolve(time) for lid, layer in all_layers.items()
                       if layer.time is not None}
         provider = plain(ctx.config.get("ServiceProvider")) or {}
-        xml = capabilities_xml(all_layers, urls, pinned, provider)
-        if len(ctx.capabilities_cache) >= MAX_CAPABILITIES:
-            ctx.capabilities_cache.clear()
-        ctx.capabilities_cache[key] = xml
-    return xml
+        return capabilities_xml(all_layers, urls, pinned, provider)
+    return ctx.tile_cache.get_or_compute(("capabilities", urls, time), make)
 
 
 def tile(ctx: WmtsContext, req: TileRequest) -> bytes:

@@ -19,6 +19,7 @@ import pandas as pd
 import pyproj
 from xcube.constants import LOG
 
+from ..common.datasets import warm_indexes
 from ..common.ows import invalid
 from ..config import plain
 from .tilematrixsets import TILE_MATRIX_SETS, WORLD_CRS84_QUAD, XCUBE_SCHEMES, TileMatrixSetDef
@@ -173,25 +174,6 @@ def _servable(var, yx: tuple[str, str], timed: bool) -> bool:
     return not extra or (extra == ("time",) and timed)
 
 
-def _warm_indexes(ml_dataset) -> None:
-    """Compute the lazily cached properties of every level's coordinate indexes now.
-
-    pandas builds an index's engine and its uniqueness/monotonicity flags on first use and
-    that is not thread-safe: two tiles selecting a time at once on a fresh index can fail
-    with "Reindexing only valid with uniquely valued Index objects". Done once here, the
-    worker threads only read them.
-    """
-    for level in range(ml_dataset.num_levels):
-        ds = ml_dataset.get_dataset(level)
-        for index in ds.xindexes.to_pandas_indexes().values():
-            if len(index) == 0:
-                continue
-            _ = index.is_unique, index.is_monotonic_increasing, index.is_monotonic_decreasing
-            if index.is_unique:
-                index.get_indexer(index[:1], method="nearest")
-                index.get_loc(index[0])
-
-
 def _fmt_range(r: tuple[float, float]) -> str:
     return f"[{r[0]:g}, {r[1]:g}]"
 
@@ -209,7 +191,7 @@ def build_layers(datasets_ctx) -> dict[str, Layer]:
             wgs84 = _wgs84_bbox(ml_dataset)
             max_levels = {tid: int(ml_dataset.derive_tiling_scheme(scheme).max_level)
                           for tid, scheme in XCUBE_SCHEMES.items()}
-            _warm_indexes(ml_dataset)
+            warm_indexes(ml_dataset)
         except Exception as exc:  # noqa: BLE001 - one bad dataset must not hide the others
             LOG.warning(f"DeepEarth WMTS: dataset {ds_id!r} left out: "
                         f"{type(exc).__name__}: {exc}")

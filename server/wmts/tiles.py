@@ -12,20 +12,12 @@ from xcube.constants import LOG
 from xcube.core.tile import TileNotFoundException, compute_rgba_tile
 
 from ..common.ows import OwsError, invalid, missing
+from ..render import png_bytes
 from .capabilities import PNG, STYLE_ID
 from .layers import DEFAULT_KEYWORDS, Layer
 from .tilematrixsets import TILE_MATRIX_SETS, TILE_SIZE, TileMatrixSetDef
 
-
-def _png(rgba: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-TRANSPARENT_PNG = _png(np.zeros((TILE_SIZE, TILE_SIZE, 4), dtype=np.uint8))
+TRANSPARENT_PNG = png_bytes(np.zeros((TILE_SIZE, TILE_SIZE, 4), dtype=np.uint8))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from chartlets.components import Box, Select, VegaChart
 from xcube.webapi.viewer.components import Markdown
 from xcube.webapi.viewer.contrib import Panel
 
-from cube_gen.access import Query
+from cube_gen.query import Query
 
 from ...deepearth import controllers as C
 from .common import (

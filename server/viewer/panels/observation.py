@@ -14,6 +14,7 @@ from xcube.webapi.viewer.components import Markdown
 from xcube.webapi.viewer.contrib import Panel
 
 from cube_gen import schema as S
+from cube_gen.errors import NotFoundError
 
 from ...common.errors import ApiProblem
 from ...deepearth import controllers as C
@@ -43,8 +44,8 @@ METHODS = [(m, METHOD_LABELS.get(m, m)) for m in S.ATTENTION_METHODS]
 FRAMES = [(f, "Frame mean" if f == "mean" else f"Frame {int(f) + 1}")
           for f in S.ATTENTION_FRAMES]
 COLORMAPS = ["plasma", "viridis", "inferno", "magma", "cividis", "turbo", "hot", "gray"]
-DEFAULTS = {"method": "l2norm", "frame": "mean", "colormap": "plasma", "opacity": 70,
-            "photo": True}
+DEFAULTS = {"method": D.ATTENTION_METHOD, "frame": D.ATTENTION_FRAME, "colormap": D.COLORMAP,
+            "opacity": round(D.ALPHA * 100), "photo": True}
 IMAGE_SIZE = 256  # pixels per side of the attention and UMAP-RGB PNGs
 SHOWN = 220  # pixels per side they are shown at (two fit side by side in the side panel)
 SIMILAR_K = 8
@@ -93,8 +94,8 @@ def update_body(ctx, place_id: str | None = None, method: str | None = None,
     de = deepearth(ctx)
     try:
         rec = C.observation(de, gbif_id)
-    except ApiProblem as problem:
-        raise PanelProblem(problem.message) from None
+    except (ApiProblem, NotFoundError) as problem:
+        raise PanelProblem(str(problem)) from None
     style = {
         "method": method if method in S.ATTENTION_METHODS else DEFAULTS["method"],
         "frame": str(frame) if str(frame) in S.ATTENTION_FRAMES else DEFAULTS["frame"],
