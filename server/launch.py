@@ -277,7 +277,7 @@ def _tail(path: Path, n: int = 4000) -> str:
 
 @contextlib.contextmanager
 def running(config_path: str | os.PathLike, port: int, log_path: str | os.PathLike,
-            timeout: float = 120.0, address: str = "127.0.0.1",
+            timeout: float = 300.0, address: str = "127.0.0.1",
             env: dict[str, str] | None = None) -> Iterator[str]:
     """Run ``xcube serve -c config_path`` in the background until the block ends.
 
@@ -324,7 +324,7 @@ def running(config_path: str | os.PathLike, port: int, log_path: str | os.PathLi
 @contextlib.contextmanager
 def serving(cubeset: str, workdir: str | os.PathLike, plugin: dict[str, Any] | None = None,
             storage_options: dict[str, Any] | None = None,
-            timeout: float = 120.0) -> Iterator[str]:
+            timeout: float = 300.0) -> Iterator[str]:
     """Write the config for a cube set into ``workdir`` and run plain ``xcube serve`` on it."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
