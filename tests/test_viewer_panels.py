@@ -114,12 +114,13 @@ def test_place_groups_reach_the_datasets_api(xserver, cs):
 
     datasets = xserver.ctx.get_api_ctx("datasets")
     groups = {g["id"]: g for g in datasets.get_dataset_place_groups("grid", "http://localhost")}
-    assert set(groups) >= {V.PLACE_GROUP_ID, V.VISION_PLACE_GROUP_ID}
-    assert groups[V.PLACE_GROUP_ID]["propertyMapping"] == {"label": "label", "color": "color"}
-    served = get_dataset_place_group(datasets, "grid", V.PLACE_GROUP_ID, "http://localhost")
-    assert len(served["features"]) == 240 and "sourcePaths" not in served
+    # every observation is picked by a click on its dot: no group of all of them (MBs)
+    assert V.VISION_PLACE_GROUP_ID in groups and V.PLACE_GROUP_ID not in groups
+    assert groups[V.VISION_PLACE_GROUP_ID]["propertyMapping"] == {"label": "label",
+                                                                  "color": "color"}
     served = get_dataset_place_group(datasets, "grid", V.VISION_PLACE_GROUP_ID,
                                      "http://localhost")
+    assert "sourcePaths" not in served
     with_vision = cs.observations.gbif_id.values[cs.observations.has_vision.values]
     assert sorted(f["properties"]["gbif_id"] for f in served["features"]) == \
         sorted(with_vision.tolist())
@@ -348,8 +349,18 @@ def test_region_panel_numbers_are_the_region_statistics(ctx, cs, geometry, time_
     summary, species, years, months = region.update_region(ctx, geometry, None, time_label,
                                                            5000, time_mode, split)
     f, _, _ = region.region_filters(geometry, time_label, 5000, time_mode, split)
-    want = analysis.region_statistics(cs, Query.make(bbox=f.bbox, start=f.start, end=f.end,
-                                                     split=f.split))
+    want = analysis.region_statistics(cs, Query.make(
+        bbox=None if f.polygon else f.bbox, polygon=f.polygon, start=f.start, end=f.end,
+        split=f.split))
+    if geometry and geometry["type"] == "Polygon":  # exactly the points inside, not its box
+        from matplotlib.path import Path as PolygonPath
+
+        inside = PolygonPath(np.asarray(geometry["coordinates"][0])).contains_points(
+            np.c_[cs.observations.lon.values, cs.observations.lat.values])
+        if split != "all":
+            inside &= cs.observations.split.values == S.SPLIT_CODES[split]
+        assert want["observations"] == int(inside.sum())
+        assert "inside the drawn polygon" in summary
     nums = _summary_numbers(summary)
     assert nums["Observations"].startswith(f"{want['observations']:,} ")
     assert nums["Species richness"] == f"{want['richness']:,}"
@@ -367,7 +378,11 @@ def test_region_panel_numbers_are_the_region_statistics(ctx, cs, geometry, time_
     link = summary.split("](")[-1].rstrip(")")
     q = parse_qs(urlparse(link).query)
     assert urlparse(link).path == "/deepearth/stats/region"
-    if f.bbox:
+    if f.polygon:
+        assert "bbox" not in q
+        ring = [tuple(float(v) for v in p.split(",")) for p in q["polygon"][0].split(";")]
+        assert ring == pytest.approx(list(f.polygon), abs=1e-6)
+    elif f.bbox:
         assert [float(v) for v in q["bbox"][0].split(",")] == pytest.approx(f.bbox, abs=1e-6)
     assert q.get("split") == ([split] if split != "all" else None)
     if time_mode == "year":

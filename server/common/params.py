@@ -383,6 +383,16 @@ class Filters(Group):
                         {"type": "string"}),
             query_param("split", "data split",
                         {"type": "string", "enum": list(S.SPLIT_CODES)}),
+            query_param("taxa", "species search: parts of scientific names, genera, "
+                        "'cluster 3' or 'unclustered', comma-separated (any term matches)",
+                        {"type": "string", "example": "Quercus, cluster 3"}),
+            query_param("months", "months of year a-b (1..12; wraps: 11-2 is Nov..Feb)",
+                        {"type": "string", "example": "3-5"}),
+            query_param("hours", "hours of day a-b (0..23; wraps; only times known to the "
+                        "hour match)", {"type": "string", "example": "6-11"}),
+            query_param("year", "year or years a-b", {"type": "string", "example": "2020-2022"}),
+            query_param("polygon", "polygon 'lon,lat;lon,lat;...' (WGS84; observations "
+                        "inside it, point in polygon)", {"type": "string"}),
         ]
         if self.has_vision:
             params.append(query_param("has_vision", "only observations with (true) or "
@@ -405,7 +415,18 @@ class Filters(Group):
                 raise ParamError(f"parameter 'species' lists more than {MAX_SPECIES_TOKENS} "
                                  "species", "species",
                                  f"at most {MAX_SPECIES_TOKENS} comma-separated species", None)
-        return Query.make(bbox=bbox(query), start=start, end=end, species=tokens,
-                          split=choice(query, "split", list(S.SPLIT_CODES)),
-                          has_vision=boolean(query, "has_vision") if self.has_vision
-                          else None)
+        extra = {}
+        for name, key in (("months", "months"), ("hours", "hours"), ("year", "years"),
+                          ("polygon", "polygon")):
+            value = raw(query, name)
+            if value is not None and value.strip():
+                extra[key] = value
+        try:
+            return Query.make(bbox=bbox(query), start=start, end=end, species=tokens,
+                              split=choice(query, "split", list(S.SPLIT_CODES)),
+                              has_vision=boolean(query, "has_vision") if self.has_vision
+                              else None, taxa=raw(query, "taxa"), **extra)
+        except ValueError as exc:  # phenology ranges and polygons name themselves
+            param = {"months": "months", "hours": "hours", "years": "year"}.get(
+                str(exc).split(" ", 1)[0], "polygon")
+            raise ParamError(str(exc), param, None, raw(query, param)) from None

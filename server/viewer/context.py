@@ -1,7 +1,7 @@
 """The viewer support context: the observations as place groups and dot tiles.
 
-When the server starts it adds the observations (all, and those with photo embeddings)
-as place groups of each configured dataset (in memory, from the cube set the ``deepearth``
+When the server starts it adds the observations with photo embeddings as a place group
+of each configured dataset (every observation is selected by a click on its dot instead) (in memory, from the cube set the ``deepearth``
 API opened), so the viewer shows them as selectable points and the panels read the
 gbif_id from the place id. Tiles and dot filters are cached in the server's shared
 resources (:mod:`server.common.resources`).
@@ -18,7 +18,7 @@ from xcube.server.api import ApiContext, Context
 from ..common.cache import ByteLRU
 from ..common.resources import Resources, resources_of
 from .loop import warm_time_indexes
-from .places import PointTiles, observation_place_group, vision_place_group
+from .places import PointTiles, vision_place_group
 
 VIEWER_CACHE = "viewer"  # name of the dot tiles and masks cache in the shared resources
 VIEWER_CACHE_BYTES = 32 * 1024 * 1024
@@ -88,7 +88,9 @@ class ViewerSupportContext(ApiContext):
             return
         try:
             cs = deepearth.cubeset
-            self.place_groups = [observation_place_group(cs), vision_place_group(cs)]
+            # not every observation as a place group (MBs of GeoJSON): a click on a dot
+            # selects it (deepearth-app.js, /explore/pick); the short list stays
+            self.place_groups = [vision_place_group(cs)]
             self.tiles = PointTiles.of(cs)
             self.cubeset = cs
         except Exception as exc:  # noqa: BLE001 - the viewer still works without the points

@@ -6,7 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from ..common.errors import Unavailable
+from cube_gen.photos import read_photo
+from cube_gen.taxa import suggestions
+
+from ..common.errors import NotFound, Unavailable
 from .context import ViewerSupportContext
 from .loop import DotFilter, pick
 from .places import PointTiles
@@ -36,3 +39,34 @@ def nearest(ctx: ViewerSupportContext, lon: float, lat: float, radius_m: float,
     if ctx.cubeset is None:
         raise Unavailable(f"no cube set: {ctx.error or 'not loaded'}")
     return pick(ctx.cubeset, lon, lat, radius_m, dot_mask(ctx, f or DotFilter()))
+
+
+def _cubeset(ctx: ViewerSupportContext):
+    if ctx.cubeset is None:
+        raise Unavailable(f"no cube set: {ctx.error or 'not loaded'}")
+    return ctx.cubeset
+
+
+def count(ctx: ViewerSupportContext, f: DotFilter) -> dict[str, Any]:
+    """How many observations (and species) the dots show with these filters."""
+    cs = _cubeset(ctx)
+    mask = dot_mask(ctx, f)
+    species = cs.observations.species_index.values
+    if mask is None:
+        return {"observations": int(len(species)), "species": int(len(np.unique(species)))}
+    return {"observations": int(mask.sum()), "species": int(len(np.unique(species[mask])))}
+
+
+def taxa(ctx: ViewerSupportContext, text: str, limit: int = 12) -> dict[str, Any]:
+    """Suggestions for the species search field (clusters, genera, species)."""
+    return {"q": text, "suggestions": suggestions(_cubeset(ctx).species_table(), text, limit)}
+
+
+def photo(ctx: ViewerSupportContext, gbif_id: int, image_number: int) -> bytes:
+    """The synthetic photo of an embedded image (404 when the cube set has none)."""
+    data = read_photo(_cubeset(ctx), gbif_id, image_number)
+    if data is None:
+        raise NotFound(f"no photo {gbif_id}/{image_number} in this cube set (only synthetic "
+                       "cube sets carry photos; real observations link iNaturalist)",
+                       "gbif_id", None, gbif_id)
+    return data

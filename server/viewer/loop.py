@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cube_gen.phenology import parse_range, phenology_mask
-from cube_gen.taxa import search_species
+from cube_gen.phenology import parse_range
+from cube_gen.query import Query
 
 EARTH_RADIUS_M = 6_371_008.8
 FILTER_PARAMS = ("taxa", "months", "hours", "year")
@@ -75,21 +75,19 @@ class DotFilter:
     def is_empty(self) -> bool:
         return self == DotFilter()
 
-    def mask(self, cs) -> np.ndarray:
-        """Boolean mask along ``obs`` of the observations this filter keeps."""
-        obs = cs.observations
-        n = obs.sizes["obs"]
-        keep = np.ones(n, bool)
-        species = search_species(cs.species_table(), self.taxa)
-        if species is not None:
-            keep &= np.isin(obs.species_index.values, species)
-        if self.months or self.hours or self.years:
-            keep &= phenology_mask(obs.time.values, obs.time_precision.values,
-                                   self.months, self.hours, self.years)
+    def query(self, cs) -> Query:
+        """The :class:`~cube_gen.query.Query` of the dots (the time step as start/end)."""
+        start = end = None
         if self.time is not None:
             start, end = time_step_period(cs.grid(0).time.values, self.time)
-            t = obs.time.values
-            keep &= (t >= start) & (t < end)
+            end = end - np.timedelta64(1, "ns")  # Query ends are inclusive
+        return Query.make(start=start, end=end, taxa=self.taxa, months=self.months,
+                          hours=self.hours, years=self.years)
+
+    def mask(self, cs) -> np.ndarray:
+        """Boolean mask along ``obs`` of the observations this filter keeps."""
+        keep = np.zeros(cs.observations.sizes["obs"], bool)
+        keep[cs.select_observations(self.query(cs))] = True
         return keep
 
 

@@ -6,7 +6,11 @@
 * ``/explore/observations/{z}/{x}/{y}``: XYZ tiles of the observations in their species'
   cluster colours (the viewer's ``observations`` overlay, named in ``viewer/config.json``),
   filtered like the dots (``taxa``, ``months``, ``hours``, ``year``, ``time``);
-* ``/explore/pick``: the observation nearest to a map click.
+* ``/explore/pick``: the observation nearest to a map click;
+* ``/explore/count``: how many observations and species the dots show with the filters;
+* ``/explore/taxa?q=``: suggestions for the species search (clusters, genera, species);
+* ``/explore/photos/{gbif_id}/{image_number}.jpg``: the synthetic photos of a synthetic
+  cube set (:mod:`cube_gen.photos`).
 
 Work runs on the shared worker pools; errors are the JSON envelope of the handler base.
 """
@@ -148,3 +152,59 @@ async def observation_tile(h: ViewerHandler, tile: tuple[int, int, int], f: DotF
        params={"point": ClickPoint(), "f": DotFilters()})
 async def pick(h: ViewerHandler, point: tuple[float, float, float], f: DotFilter):
     h.send_json(await h.run(C.nearest, h.ctx, *point, f))
+
+
+
+@route("/count", "deepearthDotCount",
+       "How many observations and species the dots show with these filters",
+       params={"f": DotFilters()})
+async def dot_count(h: ViewerHandler, f: DotFilter):
+    h.send_json(await h.run(C.count, h.ctx, f))
+
+
+@dataclass(frozen=True)
+class TaxaText(P.Group):
+    """``q``: the species search typed so far."""
+
+    def openapi(self) -> list[dict]:
+        return [P.query_param("q", "search text: part of a scientific name, a genus, "
+                              "'cluster 3' or 'unclustered' (comma-separated terms)")]
+
+    def read(self, inputs: P.Inputs) -> str:
+        values = inputs.query.get("q") or [""]
+        return str(values[0])[:200]
+
+
+@route("/taxa", "deepearthTaxaSuggestions",
+       "Suggestions for the species search field: clusters, genera and species",
+       params={"text": TaxaText()})
+async def taxa_suggestions(h: ViewerHandler, text: str):
+    h.send_json(await h.run(C.taxa, h.ctx, text))
+
+
+@dataclass(frozen=True)
+class PhotoPath(P.Group):
+    """``/{gbif_id}/{image_number}.jpg`` -> ``(gbif_id, image_number)``."""
+
+    def openapi(self) -> list[dict]:
+        return [P.path_param("gbif_id", "GBIF occurrence id", {"type": "integer"}),
+                P.path_param("image_number", "image number of the observation",
+                             {"type": "integer", "minimum": 0})]
+
+    def read(self, inputs: P.Inputs) -> tuple[int, int]:
+        try:
+            gbif_id, n = int(inputs.path["gbif_id"]), int(inputs.path["image_number"])
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            raise ParamError(f"expected {URL_PREFIX}/photos/{{gbif_id}}/{{image_number}}.jpg "
+                             "with integers, image_number >= 0") from None
+        return gbif_id, n
+
+
+@route("/photos/{gbif_id}/{image_number}.jpg", "deepearthSyntheticPhoto",
+       "The synthetic photo of an embedded image (synthetic cube sets only)",
+       params={"photo": PhotoPath()})
+async def synthetic_photo(h: ViewerHandler, photo: tuple[int, int]):
+    data = await h.run(C.photo, h.ctx, *photo)
+    h.finish_bytes(data, "image/jpeg", headers={"Cache-Control": "public, max-age=86400"})

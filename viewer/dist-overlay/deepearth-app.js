@@ -266,6 +266,7 @@
     state.filters = next;
     dispatch({ type: "DEEPEARTH_FILTERS_CHANGED" }); // chartlets re-reads its @app inputs
     updateDotsLayer();
+    renderBar();
     if (channel) channel.postMessage({ type: "filters", filters: filtersString(next), from: "viewer" });
     if (!fromHistory) syncUrl();
   }
@@ -368,6 +369,157 @@
     applyParams(new URLSearchParams(window.location.search), true);
   });
 
+  // -- the filter bar -----------------------------------------------------------------------
+  // Species search (name, genus, "cluster 3", "unclustered"), month and hour ranges, year.
+  var MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+
+  function el(id) { return document.getElementById(id); }
+
+  function options(select, items) {
+    select.innerHTML = "";
+    items.forEach(function (it) {
+      var o = document.createElement("option");
+      o.value = it[0];
+      o.textContent = it[1];
+      select.appendChild(o);
+    });
+  }
+
+  function splitRange(v) {
+    if (!v) return ["", ""];
+    var p = String(v).split("-");
+    return [p[0], p.length > 1 ? p[1] : p[0]];
+  }
+
+  function joinRange(a, b) {
+    if (a === "" && b === "") return "";
+    if (a === "") a = b;
+    if (b === "") b = a;
+    return a === b ? a : a + "-" + b;
+  }
+
+  function buildFilterBar() {
+    if (el("deepearth-filters")) return;
+    var bar = document.createElement("div");
+    bar.id = "deepearth-filters";
+    bar.setAttribute("role", "search");
+    bar.style.cssText = "position:fixed;left:50%;bottom:34px;transform:translateX(-50%);" +
+      "z-index:1100;background:rgba(255,255,255,0.96);border-radius:6px;" +
+      "box-shadow:0 1px 6px rgba(0,0,0,.35);padding:6px 10px;display:flex;gap:10px;" +
+      "align-items:center;font:13px Roboto,Helvetica,Arial,sans-serif;color:#222";
+    bar.innerHTML =
+      '<label>Species <input id="deepearth-taxa" list="deepearth-taxa-list" size="24" ' +
+      'placeholder="name, genus or cluster 3" aria-label="Species search"></label>' +
+      '<datalist id="deepearth-taxa-list"></datalist>' +
+      '<label>Months <select id="deepearth-month-from" aria-label="First month"></select>' +
+      '–<select id="deepearth-month-to" aria-label="Last month"></select></label>' +
+      '<label>Hours <select id="deepearth-hour-from" aria-label="First hour"></select>' +
+      '–<select id="deepearth-hour-to" aria-label="Last hour"></select></label>' +
+      '<label>Year <select id="deepearth-year" aria-label="Year"></select></label>' +
+      '<button id="deepearth-clear" type="button">Clear</button>' +
+      '<span id="deepearth-count" style="color:#555"></span>';
+    document.body.appendChild(bar);
+    var months = [["", "any"]].concat(MONTHS.map(function (m, i) { return [String(i + 1), m]; }));
+    options(el("deepearth-month-from"), months);
+    options(el("deepearth-month-to"), months);
+    var hours = [["", "any"]];
+    for (var h = 0; h < 24; h++) hours.push([String(h), (h < 10 ? "0" : "") + h + ":00"]);
+    options(el("deepearth-hour-from"), hours);
+    options(el("deepearth-hour-to"), hours);
+    var years = [["", "any"]];
+    var seen = {};
+    timeLabels(state.store.getState()).forEach(function (l) {
+      var y = String(l).substring(0, 4);
+      if (!seen[y]) { seen[y] = true; years.push([y, y]); }
+    });
+    options(el("deepearth-year"), years);
+    ["deepearth-month-from", "deepearth-month-to", "deepearth-hour-from", "deepearth-hour-to",
+      "deepearth-year", "deepearth-taxa"].forEach(function (id) {
+      el(id).addEventListener("change", applyBar);
+    });
+    el("deepearth-taxa").addEventListener("keydown", function (e) {
+      if (e.key === "Enter") applyBar();
+    });
+    el("deepearth-taxa").addEventListener("input", suggest);
+    el("deepearth-clear").addEventListener("click", function () {
+      setFilters({});
+    });
+    renderBar();
+  }
+
+  var suggestTimer = null;
+  function suggest() {
+    if (suggestTimer) clearTimeout(suggestTimer);
+    suggestTimer = setTimeout(function () {
+      var q = el("deepearth-taxa").value;
+      fetch(apiBase() + "/explore/taxa?q=" + encodeURIComponent(q))
+        .then(function (r) { return r.ok ? r.json() : { suggestions: [] }; })
+        .then(function (res) {
+          var list = el("deepearth-taxa-list");
+          list.innerHTML = "";
+          var prefix = q.lastIndexOf(",") >= 0 ? q.substring(0, q.lastIndexOf(",") + 1) + " " : "";
+          (res.suggestions || []).forEach(function (s) {
+            var o = document.createElement("option");
+            o.value = prefix + s.value;
+            o.label = s.label;
+            list.appendChild(o);
+          });
+        })
+        .catch(function () { /* suggestions are a help only */ });
+    }, 150);
+  }
+
+  function applyBar() {
+    var year = el("deepearth-year").value;
+    setFilters({
+      taxa: el("deepearth-taxa").value.trim(),
+      months: joinRange(el("deepearth-month-from").value, el("deepearth-month-to").value),
+      hours: joinRange(el("deepearth-hour-from").value, el("deepearth-hour-to").value),
+      year: year,
+    });
+    if (year) { // the dots follow the time slider: bring it to that year
+      var labels = timeLabels(state.store.getState());
+      for (var i = 0; i < labels.length; i++) {
+        if (String(labels[i]).substring(0, 4) === year) { applyTime(labels[i]); break; }
+      }
+    }
+  }
+
+  function renderBar() {
+    if (!el("deepearth-filters")) return;
+    var f = state.filters;
+    el("deepearth-taxa").value = f.taxa || "";
+    var m = splitRange(f.months), h = splitRange(f.hours);
+    el("deepearth-month-from").value = m[0];
+    el("deepearth-month-to").value = m[1];
+    el("deepearth-hour-from").value = h[0];
+    el("deepearth-hour-to").value = h[1];
+    el("deepearth-year").value = f.year || "";
+    updateCount();
+  }
+
+  var countSeq = 0;
+  function updateCount() {
+    var out = el("deepearth-count");
+    if (!out || !state.store) return;
+    var seq = ++countSeq;
+    fetch(apiBase() + "/explore/count?" + dotsQuery(state.store.getState()))
+      .then(function (r) { return r.json().then(function (j) { return { ok: r.ok, j: j }; }); })
+      .then(function (res) {
+        if (seq !== countSeq) return;
+        if (!res.ok) {
+          out.textContent = (res.j.error && res.j.error.message) || "filter error";
+          out.style.color = "#c62828";
+          return;
+        }
+        out.style.color = "#555";
+        out.textContent = res.j.observations.toLocaleString("en") + " dots · " +
+          res.j.species.toLocaleString("en") + " species";
+        out.setAttribute("data-observations", String(res.j.observations));
+      })
+      .catch(function () { out.textContent = ""; });
+  }
+
   // -- the store ------------------------------------------------------------------------------
   function ready(st) {
     return st.dataState.datasets && st.dataState.datasets.length > 0 &&
@@ -387,7 +539,12 @@
     var st = state.store.getState();
     if (!ready(st)) return;
     bindMap();
+    buildFilterBar();
     updateDotsLayer();
+    if (st.controlState.selectedTime !== state.lastTime) {
+      state.lastTime = st.controlState.selectedTime;
+      updateCount();
+    }
     if (!state.restored) {
       state.restored = true;
       // after the viewer's own first fit to the dataset extent
@@ -424,6 +581,8 @@
     },
     set: function (name, value) {
       if (name === "selectedPlaceId" || name === "deepearthSelect") {
+        // panels answer None when a click picked nothing: never a deselection
+        if (value === null || value === undefined || value === "") return;
         selectObservation(value, true);
       } else if (name === "deepearthFilters") {
         setFilters(pickFilters(new URLSearchParams(value || "")));

@@ -124,3 +124,58 @@ def guarded(render_error: Callable[[str], Any]):
 
 def error_box(id: str, text: str) -> Component:
     return Box(id=id, style=COLUMN, children=[message(text, color="error")])
+
+
+# -- the viewer's filters (app property "deepearthFilters", see viewer/dist-overlay) ----------
+FILTERS = "deepearthFilters"  # Input("@app", FILTERS): 'taxa=..&months=3-5&hours=..&year=..'
+FILTER_KEYS = ("taxa", "months", "hours", "year")
+
+
+def filter_params(filters: str | None) -> dict[str, str]:
+    """The filter query string of the viewer as a dict (only known, non-empty keys)."""
+    from urllib.parse import parse_qs
+
+    parsed = parse_qs(str(filters or ""), keep_blank_values=False)
+    return {k: parsed[k][0].strip() for k in FILTER_KEYS if parsed.get(k) and parsed[k][0].strip()}
+
+
+def filter_kwargs(filters: str | None) -> dict[str, str]:
+    """:meth:`cube_gen.query.Query.make` arguments of the viewer's filters."""
+    p = filter_params(filters)
+    return {{"year": "years"}.get(k, k): v for k, v in p.items()}
+
+
+def filters_query(filters: str | None, **base: Any):
+    """The Query of the viewer's filters plus ``base`` (bbox, start, split, polygon, ...);
+    a filter the user mistyped becomes a :class:`PanelProblem` naming it."""
+    from cube_gen.query import Query
+
+    try:
+        return Query.make(**base, **filter_kwargs(filters))
+    except ValueError as exc:
+        raise PanelProblem(f"Filter not usable: {exc}") from None
+
+
+def filters_text(filters: str | None) -> str:
+    """The active filters in words ('' when none)."""
+    p = filter_params(filters)
+    if not p:
+        return ""
+    names = {"taxa": "species", "months": "months", "hours": "hours", "year": "year"}
+    return "Filters: " + ", ".join(f"{names[k]} {v}" for k, v in p.items())
+
+
+def lat_lon_text(lat: float, lon: float, digits: int = 4) -> str:
+    """``28.4571° N, 81.4336° W``: hemispheres, no signs."""
+    return (f"{abs(lat):.{digits}f}° {'N' if lat >= 0 else 'S'}, "
+            f"{abs(lon):.{digits}f}° {'E' if lon >= 0 else 'W'}")
+
+
+def cluster_text(cluster: Any) -> str:
+    """``cluster 3``, or ``unclustered`` for the clustering's -1."""
+    from cube_gen.taxa import cluster_label
+
+    try:
+        return cluster_label(int(cluster))
+    except (TypeError, ValueError):
+        return "cluster unknown"

@@ -2,8 +2,11 @@
 
 Species, date and time, coordinates, split, links to GBIF and the photos; for every
 vision embedding the attention map (method, frame, colour map, opacity; drawn over the
-photo when it can be loaded) and the UMAP-RGB image, both as PNGs from the plugin's
-endpoints, the per-embedding statistics and the most similar embeddings.
+photo when it can be loaded: a synthetic cube set's own photos, else iNaturalist) and the
+UMAP-RGB image, both as PNGs from the plugin's endpoints, the per-embedding statistics
+and the most similar embeddings (narrowed by the viewer's filters; a click on a row
+selects that observation on the map and in every panel). The attention controls show
+only for observations with embeddings.
 """
 
 from typing import Any
@@ -15,24 +18,32 @@ from xcube.webapi.viewer.contrib import Panel
 
 from cube_gen import schema as S
 from cube_gen.errors import NotFoundError
+from cube_gen.photos import photo_index
 
 from ...common.errors import ApiProblem
 from ...deepearth import controllers as C
 from ...deepearth import params as D
 from .common import (
     COLUMN,
+    FILTERS,
+    PAGES_PREFIX,
     ROW,
     PanelProblem,
     api_url,
+    cluster_text,
     deepearth,
     error_box,
+    filters_query,
+    filters_text,
     fmt,
     fmt_time,
     guarded,
     heading,
+    lat_lon_text,
     md_escape,
     message,
     selected_gbif_id,
+    url,
 )
 
 panel = Panel(__name__, title="Observation", icon="local_florist", position=5)
@@ -53,9 +64,9 @@ HINT = ("Select an observation on the map (the points, coloured by the language 
         "of their species) to see its details and what the vision model attends to.")
 
 
-@panel.layout(State("@app", "selectedPlaceId"))
-def render_panel(ctx, place_id: str | None = None) -> Component:
-    controls = Box(id="obs_controls", style=ROW, children=[
+@panel.layout(State("@app", "selectedPlaceId"), State("@app", FILTERS))
+def render_panel(ctx, place_id: str | None = None, filters: str | None = None) -> Component:
+    controls = Box(id="obs_controls", style=update_controls(ctx, place_id), children=[
         Select(id="obs_method", label="Attention", value=DEFAULTS["method"], options=METHODS,
                style={"minWidth": 170}),
         Select(id="obs_frame", label="Frame", value=DEFAULTS["frame"], options=FRAMES,
@@ -70,8 +81,40 @@ def render_panel(ctx, place_id: str | None = None) -> Component:
         Switch(id="obs_photo", label="Photo underneath", value=DEFAULTS["photo"]),
     ])
     body = update_body(ctx, place_id, **{k: DEFAULTS[k] for k in
-                                        ("method", "frame", "colormap", "opacity", "photo")})
+                                        ("method", "frame", "colormap", "opacity", "photo")},
+                       filters=filters)
     return Box(style={**COLUMN, "padding": "8px"}, children=[controls, body])
+
+
+CONTROLS_STYLE = ROW
+HIDDEN = {**ROW, "display": "none"}
+
+
+def has_embeddings(ctx, place_id: str | None) -> bool:
+    gbif_id = selected_gbif_id(place_id)
+    if gbif_id is None:
+        return False
+    try:
+        return len(deepearth(ctx).cubeset.images_of(gbif_id)) > 0
+    except Exception:  # noqa: BLE001 - not an observation of this cube set
+        return False
+
+
+@panel.callback(Input("@app", "selectedPlaceId"), Output("obs_controls", "style"))
+def update_controls(ctx, place_id: str | None = None) -> dict:
+    """The attention controls only for an observation with photo embeddings."""
+    return CONTROLS_STYLE if has_embeddings(ctx, place_id) else HIDDEN
+
+
+@panel.callback(Input("obs_similar", "value"), Output("@app", "selectedPlaceId"))
+def select_similar(ctx, row: dict | None = None) -> str | None:
+    """A click on a row of the similar embeddings selects that observation everywhere."""
+    if not isinstance(row, dict) or row.get("gbif_id") in (None, ""):
+        return None
+    try:
+        return f"obs-{int(row['gbif_id'])}"
+    except (TypeError, ValueError):
+        return None
 
 
 @panel.callback(
@@ -81,12 +124,14 @@ def render_panel(ctx, place_id: str | None = None) -> Component:
     Input("obs_colormap"),
     Input("obs_opacity"),
     Input("obs_photo"),
+    Input("@app", FILTERS),
     Output(BODY, ""),
 )
 @guarded(lambda text: error_box(BODY, text))
 def update_body(ctx, place_id: str | None = None, method: str | None = None,
                 frame: str | None = None, colormap: str | None = None,
-                opacity: int | None = None, photo: bool | None = None) -> Component:
+                opacity: int | None = None, photo: bool | None = None,
+                filters: str | None = None) -> Component:
     """The panel body for the selected place (a hint unless it is an observation)."""
     gbif_id = selected_gbif_id(place_id)
     if gbif_id is None:
@@ -104,31 +149,45 @@ def update_body(ctx, place_id: str | None = None, method: str | None = None,
         / 100,
         "photo": DEFAULTS["photo"] if photo is None else bool(photo),
     }
-    children: list[Component] = [*_summary(rec)]
+    photos = _local_photos(de)
+    children: list[Component] = [*_summary(ctx, rec, photos)]
     if not rec["embeddings"]:
         children.append(message("This observation has no vision embedding."))
     for emb in rec["embeddings"]:
-        children.extend(_embedding(ctx, rec, emb, style))
+        children.extend(_embedding(ctx, rec, emb, style, photos))
     if rec["embeddings"]:
-        children.extend(_similar(de, rec))
+        children.extend(_similar(de, rec, filters))
+    children.append(Markdown(id="obs_3d", text=f"[The 3-D embedding space]("
+                             f"{url(ctx, PAGES_PREFIX + '/embedding-space.html', gbif_id=gbif_id)})"
+                             " follows this selection (open it in a new tab)."))
     return Box(id=BODY, style=COLUMN, children=children)
 
 
-def _summary(rec: dict[str, Any]) -> list[Component]:
+def _local_photos(de) -> set[tuple[int, int]]:
+    """(gbif_id, image_number) of the photos a synthetic cube set carries (cached)."""
+    cs = de.cubeset
+    return cs.memo("viewer_photo_index", lambda: photo_index(cs))
+
+
+def _summary(ctx, rec: dict[str, Any], local: set[tuple[int, int]]) -> list[Component]:
     sp = rec["species"]
     lat, lon = rec["lat"], rec["lon"]
-    photos = " · ".join(f"[{i + 1}]({u})" for i, u in enumerate(rec["image_urls"])) or "none"
+    links = [f"[{i + 1}]({_photo_url(ctx, rec, i, local, full=True)})"
+             for i in range(len(rec["image_urls"]))]
+    synthetic = any((rec["gbif_id"], i) in local for i in range(len(rec["image_urls"])))
+    photos = " · ".join(links) or "none"
+    if synthetic:
+        photos += " (synthetic photos of the demo data)"
     lines = [
         "| | |",
         "| --- | --- |",
         f"| Date | {fmt_time(rec['time'], rec['time_precision'])} "
         f"(known to the {rec['time_precision']}) |",
-        f"| Location | {abs(lat):.5f}° {'N' if lat >= 0 else 'S'}, "
-        f"{abs(lon):.5f}° {'E' if lon >= 0 else 'W'} |",
+        f"| Location | {lat_lon_text(lat, lon, 5)} |",
         f"| Split | {rec['split']} |",
         f"| GBIF occurrence | [{rec['gbif_id']}](https://www.gbif.org/occurrence/{rec['gbif_id']}) |",
         f"| Species | [{md_escape(sp['taxon_id'])}](https://www.gbif.org/species/{sp['taxon_id']}), "
-        f"cluster {sp['cluster']}, {sp['observation_count']:,} observations |",
+        f"{cluster_text(sp['cluster'])}, {sp['observation_count']:,} observations |",
         f"| Photos | {photos} |",
         f"| Embeddings | {len(rec['embeddings'])} |",
     ]
@@ -141,22 +200,26 @@ def _summary(rec: dict[str, Any]) -> list[Component]:
     return [title, Markdown(id="obs_fields", text="\n".join(lines))]
 
 
-def _photo_url(rec: dict[str, Any], image_number: int) -> str | None:
+def _photo_url(ctx, rec: dict[str, Any], image_number: int,
+               local: set[tuple[int, int]] | None = None, full: bool = False) -> str | None:
+    """The photo: the cube set's own (synthetic data) or iNaturalist's medium size."""
+    if local and (int(rec["gbif_id"]), int(image_number)) in local:
+        return url(ctx, f"{PAGES_PREFIX}/photos/{int(rec['gbif_id'])}/{int(image_number)}.jpg")
     urls = rec["image_urls"]
     if image_number >= len(urls):
         return None
-    return urls[image_number].replace("/original.", "/medium.")
+    return urls[image_number] if full else urls[image_number].replace("/original.", "/medium.")
 
 
 def _embedding(ctx, rec: dict[str, Any], emb: dict[str, Any],
-               style: dict[str, Any]) -> list[Component]:
+               style: dict[str, Any], local: set[tuple[int, int]]) -> list[Component]:
     gid, n = rec["gbif_id"], int(emb["image_number"])
     base = f"/embeddings/{gid}/{n}"
     attention = api_url(ctx, f"{base}/attention.png", method=style["method"],
                         frame=style["frame"], colormap=style["colormap"],
                         alpha=f"{style['alpha']:.2f}", size=IMAGE_SIZE)
     umap_rgb = api_url(ctx, f"{base}/umap_rgb.png", size=IMAGE_SIZE)
-    photo = _photo_url(rec, n) if style["photo"] else None
+    photo = _photo_url(ctx, rec, n, local) if style["photo"] else None
     # The viewer's Markdown gives images a 1rem top margin: the photo is placed to match.
     under = {"width": SHOWN, "backgroundRepeat": "no-repeat",
              "backgroundSize": f"{SHOWN}px {SHOWN}px",
@@ -184,20 +247,24 @@ def _embedding(ctx, rec: dict[str, Any], emb: dict[str, Any],
             stats]
 
 
-def _similar(de, rec: dict[str, Any]) -> list[Component]:
+def _similar(de, rec: dict[str, Any], filters: str | None = None) -> list[Component]:
     first = int(rec["embeddings"][0]["image_number"])
-    result = C.similar_embeddings(de, D.EmbeddingId(rec["gbif_id"], first), SIMILAR_K)
-    rows = [[r["rank"], r["taxon_name"], r["time"][:10], r["split"], r["gbif_id"],
-             r["image_number"], round(float(r["score"]), 4)] for r in result["results"]]
-    table = Table(id="obs_similar", hover=True, columns=[
+    q = filters_query(filters)
+    result = C.similar_embeddings(de, D.EmbeddingId(rec["gbif_id"], first), SIMILAR_K,
+                                  None if q.is_empty else q)
+    rows = [[r["rank"], r["taxon_name"], r["time"][:10], r["gbif_id"],
+             f"{float(r['score']):.3f}"] for r in result["results"]]
+    table = Table(id="obs_similar", hover=True, style={"width": "100%", "tableLayout": "fixed"},
+                  columns=[
         {"id": "rank", "label": "#", "size": "small"},
         {"id": "species", "label": "Species", "size": "small"},
         {"id": "date", "label": "Date", "size": "small"},
-        {"id": "split", "label": "Split", "size": "small"},
         {"id": "gbif_id", "label": "GBIF id", "size": "small"},
-        {"id": "image", "label": "Image", "size": "small", "align": "right"},
         {"id": "cosine", "label": "Cosine", "size": "small", "align": "right"},
     ], rows=rows)
-    out = [heading(f"Most similar photo embeddings (cosine of pooled vectors, photo {first + 1})")]
-    out.append(table if rows else message("No other embeddings in the cube set."))
+    narrowed = filters_text(filters)
+    out = [heading(f"Most similar photo embeddings (cosine of pooled vectors, photo {first + 1})"),
+           message("Click a row to select that observation."
+                   + (f" {narrowed}." if narrowed else ""))]
+    out.append(table if rows else message("No other embeddings match."))
     return out

@@ -1,11 +1,11 @@
 """Region panel: what lives in the selected region, and when it was observed.
 
-The region is the bounding box of the selected place: a neighbourhood of the selected
-observation (radius chosen in the panel), a drawn polygon's bounding box, or the whole
-cube set when nothing is selected. The numbers come from the DeepEarth controller
+The region is the selected place: a neighbourhood of the selected observation (radius
+chosen in the panel), exactly the observations inside a drawn polygon (point in
+polygon), or the whole cube set when nothing is selected; the viewer's filters (species
+search, months, hours, year) narrow it. The numbers come from the DeepEarth controller
 ``region_stats`` (:func:`cube_gen.analysis.region_statistics`, shared cache), exactly
-those of ``/deepearth/stats/region`` with the same ``bbox``, ``start``, ``end`` and
-``split``.
+those of ``/deepearth/stats/region`` with the same parameters (the panel links them).
 """
 
 import math
@@ -21,7 +21,20 @@ from xcube.webapi.viewer.contrib import Panel
 from cube_gen.query import Query
 
 from ...deepearth import controllers as C
-from .common import COLUMN, ROW, api_url, deepearth, fmt, guarded, md_escape
+from .common import (
+    COLUMN,
+    FILTERS,
+    ROW,
+    api_url,
+    deepearth,
+    filter_params,
+    filters_query,
+    filters_text,
+    fmt,
+    guarded,
+    lat_lon_text,
+    md_escape,
+)
 
 panel = Panel(__name__, title="Region statistics", icon="bar_chart", position=7)
 
@@ -42,19 +55,20 @@ COUNT_AXIS = alt.Axis(format="d", tickMinStep=1)
     State("@app", "selectedPlaceGeometry"),
     State("@app", "selectedPlaceId"),
     State("@app", "selectedTimeLabel"),
+    State("@app", FILTERS),
 )
 def render_panel(ctx, geometry: dict | None = None, place_id: str | None = None,
-                 time_label: str | None = None) -> Component:
+                 time_label: str | None = None, filters: str | None = None) -> Component:
     controls = Box(style=ROW, children=[
-        Select(id="reg_radius", label="Around a point", value=DEFAULT_RADIUS_M, options=RADII_M,
-               style={"minWidth": 130}),
+        Select(id="reg_radius", label="Radius around an observation", value=DEFAULT_RADIUS_M,
+               options=RADII_M, style={"minWidth": 200}),
         Select(id="reg_time", label="Time", value="all", options=TIMES,
                style={"minWidth": 190}),
         Select(id="reg_split", label="Split", value="all", options=SPLITS,
                style={"minWidth": 170}),
     ])
     summary, species, years, months = update_region(ctx, geometry, place_id, time_label,
-                                                     DEFAULT_RADIUS_M, "all", "all")
+                                                     DEFAULT_RADIUS_M, "all", "all", filters)
     chart_style = {"width": "100%"}
     return Box(style={**COLUMN, "padding": "8px"}, children=[
         controls,
@@ -87,21 +101,47 @@ def _coordinates(geometry: Any) -> list[tuple[float, float]]:
     return out
 
 
-def region_bbox(geometry: Any, radius_km: float) -> tuple[tuple[float, float, float, float]
-                                                          | None, str]:
-    """``(bbox or None, description)`` of the region a place geometry selects."""
+def polygon_ring(geometry: Any) -> list[tuple[float, float]] | None:
+    """The outer ring of a drawn polygon (GeoJSON Polygon), else None."""
+    if isinstance(geometry, dict) and geometry.get("type") == "Polygon":
+        rings = geometry.get("coordinates") or []
+        if rings and len(rings[0]) >= 3:
+            return [(float(p[0]), float(p[1])) for p in rings[0]]
+    return None
+
+
+def region_of(geometry: Any, radius_km: float) -> tuple[dict[str, Any], str]:
+    """``(Query arguments, description)`` of the region a place geometry selects: a
+    polygon exactly (point in polygon), a point's neighbourhood, another shape's box."""
+    ring = polygon_ring(geometry)
+    if ring is not None:
+        n = len(ring) - (1 if ring[0] == ring[-1] else 0)
+        return ({"polygon": ring},
+                f"inside the drawn polygon ({n} vertices; observations inside it exactly, "
+                "point in polygon)")
     coords = _coordinates(geometry)
     if not coords:
-        return None, "the whole cube set (select an observation or draw a polygon)"
+        return {}, "the whole cube set (select an observation or draw a polygon)"
     lons = [c[0] for c in coords]
     lats = [c[1] for c in coords]
     if len(coords) == 1 or (max(lons) == min(lons) and max(lats) == min(lats)):
         lon, lat = lons[0], lats[0]
         dlat = radius_km / KM_PER_DEGREE
         dlon = radius_km / (KM_PER_DEGREE * max(0.01, math.cos(math.radians(lat))))
-        return ((lon - dlon, lat - dlat, lon + dlon, lat + dlat),
-                f"± {radius_km:g} km around {lat:.4f}° N, {lon:.4f}° E")
-    return (min(lons), min(lats), max(lons), max(lats)), "the bounding box of the selected shape"
+        return ({"bbox": (lon - dlon, lat - dlat, lon + dlon, lat + dlat)},
+                f"± {radius_km:g} km around {lat_lon_text(lat, lon)}")
+    return ({"bbox": (min(lons), min(lats), max(lons), max(lats))},
+            "the bounding box of the selected shape")
+
+
+def region_bbox(geometry: Any, radius_km: float):
+    """``(bbox or None, description)`` (kept for callers of the earlier API)."""
+    args, where = region_of(geometry, radius_km)
+    if "polygon" in args:
+        from cube_gen.polygon import ring_bbox
+
+        return ring_bbox(args["polygon"]), where
+    return args.get("bbox"), where
 
 
 def year_range(time_label: str | None) -> tuple[pd.Timestamp, pd.Timestamp] | None:
@@ -117,9 +157,10 @@ def year_range(time_label: str | None) -> tuple[pd.Timestamp, pd.Timestamp] | No
 
 
 def region_filters(geometry: Any, time_label: str | None, radius_m: float, time_mode: str,
-                   split: str) -> tuple[Query, str, str]:
-    """``(filters, region description, time description)``; ``radius_m`` around a point."""
-    bbox, where = region_bbox(geometry, float(radius_m or DEFAULT_RADIUS_M) / 1000)
+                   split: str, filters: str | None = None) -> tuple[Query, str, str]:
+    """``(query, region description, time description)``; ``radius_m`` around a point;
+    ``filters``: the viewer's filter string (species search, months, hours, year)."""
+    region, where = region_of(geometry, float(radius_m or DEFAULT_RADIUS_M) / 1000)
     start = end = None
     when = "all years"
     if time_mode == "year":
@@ -129,9 +170,9 @@ def region_filters(geometry: Any, time_label: str | None, radius_m: float, time_
             when = f"{start.year}"
         else:
             when = "all years (the time slider has no time)"
-    return (Query.make(bbox=bbox, start=start, end=end,
-                       split=split if split in ("train", "temporal_test") else None),
-            where, when)
+    q = filters_query(filters, **region, start=start, end=end,
+                      split=split if split in ("train", "temporal_test") else None)
+    return q, where, when
 
 
 # -- charts --------------------------------------------------------------------------------
@@ -186,25 +227,40 @@ def months_chart(stats: dict[str, Any]) -> alt.Chart:
     )
 
 
-def summary_text(ctx, stats: dict[str, Any], where: str, when: str, f: Query) -> str:
-    n = stats["observations"]
-    split = f", split {f.split}" if f.split else ""
-    bbox = stats["query"]["bbox"]
+def _bbox_text(bbox) -> str:
+    w, s_, e, n = bbox
+    return (f"{abs(w):.4f}° {'W' if w < 0 else 'E'} to {abs(e):.4f}° {'W' if e < 0 else 'E'}, "
+            f"{abs(s_):.4f}° {'S' if s_ < 0 else 'N'} to {abs(n):.4f}° {'S' if n < 0 else 'N'}")
+
+
+def json_params(f: Query, filters: str | None) -> dict[str, Any]:
+    """The /deepearth/stats/region query parameters of the panel's query."""
     params: dict[str, Any] = {}
-    if bbox:
-        params["bbox"] = ",".join(f"{v:.6f}" for v in bbox)
+    if f.polygon is not None:
+        params["polygon"] = ";".join(f"{x:.6f},{y:.6f}" for x, y in f.polygon)
+    elif f.bbox is not None:
+        params["bbox"] = ",".join(f"{v:.6f}" for v in f.bbox)
     if f.start is not None:
         params["start"] = pd.Timestamp(f.start).strftime("%Y-%m-%d")
         params["end"] = pd.Timestamp(f.end).strftime("%Y-%m-%d")
     if f.split:
         params["split"] = f.split
+    params.update(filter_params(filters))
+    return params
+
+
+def summary_text(ctx, stats: dict[str, Any], where: str, when: str, f: Query,
+                 filters: str | None = None) -> str:
+    n = stats["observations"]
+    split = f", split {f.split}" if f.split else ""
+    bbox = f.bbox
+    narrowed = filters_text(filters)
     lines = [
-        f"**Region:** {md_escape(where)}" + (
-            f" (W {bbox[0]:.4f}, S {bbox[1]:.4f}, E {bbox[2]:.4f}, N {bbox[3]:.4f})"
-            if bbox else ""),
+        f"**Region:** {md_escape(where)}" + (f" ({_bbox_text(bbox)})" if bbox else ""),
         "",
         f"**Time:** {md_escape(when)}{split}",
         "",
+        *([f"**{md_escape(narrowed)}**", ""] if narrowed else []),
         "| | |",
         "| --- | --- |",
         f"| Observations | {n:,} ({stats['with_vision']:,} with photo embeddings; "
@@ -216,7 +272,8 @@ def summary_text(ctx, stats: dict[str, Any], where: str, when: str, f: Query) ->
         f"| Pielou evenness | {fmt(stats['evenness'])} |",
         f"| Month unknown | {stats['month_unknown']:,} |",
         "",
-        f"Same numbers as JSON: [/deepearth/stats/region]({api_url(ctx, '/stats/region', **params)})",
+        "Same numbers as JSON: [/deepearth/stats/region]("
+        f"{api_url(ctx, '/stats/region', **json_params(f, filters))})",
     ]
     return "\n".join(lines)
 
@@ -232,6 +289,7 @@ def _error_outputs(text: str):
     Input("reg_radius"),
     Input("reg_time"),
     Input("reg_split"),
+    Input("@app", FILTERS),
     Output("reg_summary", "text"),
     Output("reg_species", "chart"),
     Output("reg_years", "chart"),
@@ -241,10 +299,10 @@ def _error_outputs(text: str):
 def update_region(ctx, geometry: dict | None = None, place_id: str | None = None,
                   time_label: str | None = None, radius_m: int | None = DEFAULT_RADIUS_M,
                   time_mode: str | None = "all", split: str | None = "all",
-                  ) -> tuple[str, alt.Chart, alt.Chart, alt.Chart]:
+                  filters: str | None = None) -> tuple[str, alt.Chart, alt.Chart, alt.Chart]:
     """Summary and charts of the region statistics for the current selection."""
     f, where, when = region_filters(geometry, time_label, radius_m or DEFAULT_RADIUS_M,
-                                    time_mode or "all", split or "all")
+                                    time_mode or "all", split or "all", filters)
     stats = C.region_stats(deepearth(ctx), f)
-    return (summary_text(ctx, stats, where, when, f), species_chart(stats), years_chart(stats),
+    return (summary_text(ctx, stats, where, when, f, filters), species_chart(stats), years_chart(stats),
             months_chart(stats))
