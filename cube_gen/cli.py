@@ -16,14 +16,10 @@ import os
 import sys
 from typing import Any
 
-from .errors import DeepEarthError
+from .errors import DeepEarthError, UsageError
 
 # modules adding subcommands: add yours here (a module with add_commands(sub))
 COMMAND_MODULES = ("cube_gen.release_cli", "cube_gen.ml_cli")
-
-
-class UsageError(DeepEarthError):
-    """A command line that cannot be run as given (exit status 2)."""
 
 
 def storage_options(args: argparse.Namespace) -> dict[str, Any]:

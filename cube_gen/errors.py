@@ -130,3 +130,7 @@ class VersionNotFound(CubeError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "version not found"
+
+
+class UsageError(DeepEarthError, ValueError):
+    """A command line or call that cannot be run as given (the CLI exits with status 2)."""

@@ -33,7 +33,9 @@ def md5_bytes(data: bytes | memoryview) -> str:
 
 
 def md5_file(fs, path: str) -> tuple[int, str]:
-    """``(size, md5)`` of one object, streamed in blocks."""
+    """``(size, md5)`` of one object, streamed in blocks (never from cached listings)."""
+    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        fs.invalidate_cache(path)  # a stale size/ETag would fail the read of a changed object
     h = hashlib.md5(usedforsecurity=False)
     size = 0
     with fs.open(path, "rb") as f:

@@ -52,7 +52,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    from .cli import UsageError
+    from .errors import UsageError
     from .release import gc
 
     if args.keep < 1:

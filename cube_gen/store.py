@@ -144,9 +144,11 @@ def is_unavailable(exc: BaseException) -> bool:
 
 
 # Object-store calls fail within seconds instead of hanging on a frozen store.
-S3_TIMEOUTS = {"connect_timeout": 2, "read_timeout": 4, "retries": {"max_attempts": 1,
+# botocore retries a timed-out call once (2 attempts); s3fs's own retry loops (default 5,
+# nested twice for reads) are cut to one attempt: a frozen store fails after about 8 s.
+S3_TIMEOUTS = {"connect_timeout": 2, "read_timeout": 4, "retries": {"max_attempts": 2,
                                                                       "mode": "standard"}}
-S3_RETRIES = 2  # s3fs's own retry loop (its default is 5) on top of botocore's
+S3_RETRIES = 1
 
 
 def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
