@@ -122,7 +122,8 @@ def test_openapi_lists_every_operation(server):
 
 def test_xcube_datasets_and_tiles_still_work(server):
     ds = ok_json(server, "/datasets")
-    assert [d["id"] for d in ds["datasets"]] == ["grid"]  # only the gridded cube
+    # only the gridded cubes: one xcube dataset per grid pyramid
+    assert sorted(d["id"] for d in ds["datasets"]) == sorted(S.GRID_CUBES)
     meta = ok_json(server, "/datasets/grid")
     names = {v["name"] for v in meta["variables"]}
     assert set(S.GRID_VARS) <= names
@@ -130,7 +131,9 @@ def test_xcube_datasets_and_tiles_still_work(server):
     assert meta.get("rgbSchema", {}).get("varNames") == ["embedding_r", "embedding_g",
                                                         "embedding_b"]
     by_name = {v["name"]: v for v in meta["variables"]}
-    styles = SERVER_CONFIG["Styles"][0]["ColorMappings"]
+    (grid,) = [d for d in SERVER_CONFIG["Datasets"] if d["Identifier"] == S.GRID]
+    (style,) = [st for st in SERVER_CONFIG["Styles"] if st["Identifier"] == grid["Style"]]
+    styles = style["ColorMappings"]
     for name in S.GRID_VARS:  # the configured style ranges reach xcube
         assert [by_name[name]["colorBarMin"], by_name[name]["colorBarMax"]] == \
             styles[name]["ValueRange"]

@@ -5,8 +5,6 @@ xcube ``Server`` (config validation, on-demand UMAP-RGB, worker threads, timeout
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -165,8 +163,14 @@ def test_make_config(tiny_cubes, tmp_path):
     ids = [d["Identifier"] for d in cfg["Datasets"]]
     assert ids == [S.GRID_ALL_YEARS, S.GRID, S.GRID_MONTH_OF_YEAR, S.GRID_SPECIES]
     ds = cfg["Datasets"][1]
-    assert ds["Path"] == str(Path(tiny_cubes).resolve() / "grid.levels")
-    assert ds["FileSystem"] == "file" and ds["Style"] == "deepearth-grid"
+    # read through the release's checked store (cube_gen.xcube_levels) ...
+    assert ds["FileSystem"] == "memory" and ds["Class"] == "open_levels"
+    assert ds["InputParameters"]["url"] == str(Path(tiny_cubes).resolve())
+    assert ds["InputParameters"]["cube"] == S.GRID and ds["Style"] == "deepearth-grid"
+    # ... or by plain path
+    plain = make_config(str(tiny_cubes), repo_root=tmp_path, checked_grids=False)
+    assert plain["Datasets"][1]["FileSystem"] == "file"
+    assert Path(plain["Datasets"][1]["Path"]).name == "grid.levels"
     assert {"observation_count", "species_richness", "embedding_r"} <= set(ds["Variables"])
     assert any(v.startswith(S.TOP_SPECIES_PREFIX) for v in ds["Variables"])
     assert cfg["Datasets"][0]["Variables"][0] == "species_richness"
@@ -208,8 +212,8 @@ def test_serve_dry_run_prints_config(tiny_cubes, tmp_path, capsys):
     printed = capsys.readouterr().out
     cfg = yaml.safe_load(printed)
     assert cfg == yaml.safe_load(out.read_text())
-    assert cfg["port"] == 8123 and "DeepEarth" in cfg and cfg["Datasets"][0]["Identifier"] == \
-        "grid"
+    assert cfg["port"] == 8123 and "DeepEarth" in cfg
+    assert "grid" in [d["Identifier"] for d in cfg["Datasets"]]
     with pytest.raises(Exception, match="storage-options"):
         serve(str(tiny_cubes), storage_options_json="{bad", dry_run=True)
 
@@ -223,24 +227,20 @@ def _server(config: dict):
     return Server(TornadoFramework(), {**config, "api_spec": {"includes": ["deepearth"]}})
 
 
-def _without_umap_rgb(src: Path, dst: Path) -> Path:
-    """A copy of a cube set whose vision cube says UMAP-RGB was not computed."""
-    shutil.copytree(src, dst)
-    arr_meta = dst / "vision.zarr" / "umap_rgb" / "zarr.json"
-    meta = json.loads(arr_meta.read_text())
-    meta["attributes"]["computed"] = False
-    arr_meta.write_text(json.dumps(meta))
-    root_meta = dst / "vision.zarr" / "zarr.json"
-    meta = json.loads(root_meta.read_text())
-    cm = (meta.get("consolidated_metadata") or {}).get("metadata", {})
-    if "umap_rgb" in cm:
-        cm["umap_rgb"]["attributes"]["computed"] = False
-    root_meta.write_text(json.dumps(meta))
+def _without_umap_rgb(source: Path, dst: Path) -> Path:
+    """A cube set built with ``cubes.vision.umap_rgb: false`` (no precomputed UMAP-RGB)."""
+    from conftest import tiny_recipe_data
+
+    from cube_gen.pipeline import run_recipe
+    from cube_gen.recipe import parse_recipe
+
+    data = tiny_recipe_data(source, dst, vision={"umap_rgb": False})
+    run_recipe(parse_recipe(data), progress=False)
     return dst
 
 
-def test_context_in_xcube_server_computes_umap_rgb_on_demand(tiny_cubes, tmp_path):
-    cubes = _without_umap_rgb(Path(tiny_cubes), tmp_path / "cubes")
+def test_context_in_xcube_server_computes_umap_rgb_on_demand(tiny_source, tmp_path):
+    cubes = _without_umap_rgb(Path(tiny_source), tmp_path / "cubes")
     cfg = make_config(str(cubes))
     cfg["DeepEarth"]["CacheBytes"] = 50_000_000
     server = _server(cfg)  # validates the DeepEarth section against its schema
