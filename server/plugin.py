@@ -17,6 +17,7 @@ APIS: tuple[tuple[str, str, str], ...] = (
     ("deepearth-wmts", "server.wmts:api", "DeepEarth WMTS (grid layers)"),
     ("deepearth-wms", "server.wms:api", "DeepEarth WMS 1.3.0 with TIME (grid layers)"),
     ("deepearth-ogcapi", "server.ogcapi:api", "DeepEarth OGC API - Features (observations)"),
+    ("deepearth-ml", "server.ml:api", "DeepEarth predictions and STAC catalogue"),
     ("deepearth", "server.deepearth:api", "DeepEarth cube set API"),
     ("deepearth-viewer", "server.viewer:api", "DeepEarth viewer support (observation places)"),
 )

@@ -24,4 +24,8 @@ extension.add(observation_panel)
 extension.add(embedding_space_panel)
 extension.add(region_panel)
 
+from ...ml.panel import panel as predictions_panel  # noqa: E402 - issue 16 (H4)
+
+extension.add(predictions_panel)
+
 __all__ = ["extension", "observation_panel", "embedding_space_panel", "region_panel"]
