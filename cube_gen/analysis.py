@@ -134,12 +134,20 @@ def similar_embeddings(cs: CubeSet, image: int, k: int = 10, query: Query | None
                        include_self: bool = False) -> list[dict[str, Any]]:
     """The k embeddings most similar to the one at ``image`` (cosine of pooled vectors).
 
-    ``query`` restricts the candidates (bbox, time, species, split). Exact search.
+    ``query`` restricts the candidates (bbox, time, species, split). Exact search below
+    :data:`cube_gen.ann.EXACT_BELOW` embeddings (or a filter leaving few), else the
+    recipe's FAISS index with exact re-ranking (:func:`cube_gen.ann.search`).
     """
+    from .ann import open_similarity, search
+
     unit = pooled_unit(cs)
-    candidates = None if is_empty(query) else cs.select_images(query)
+    allowed = None
+    if not is_empty(query):
+        allowed = np.zeros(len(unit), bool)
+        allowed[cs.select_images(query)] = True
     exclude = None if include_self else np.array([image])
-    rows, scores = top_k_cosine(unit, unit[image], k, candidates, exclude)
+    rows, scores = search(unit, unit[image], k, open_similarity(cs), allowed, exclude,
+                          top_k=top_k_cosine)
     recs = image_records(cs, rows)
     for rank, (rec, score) in enumerate(zip(recs, scores, strict=True), start=1):
         rec["rank"] = rank

@@ -314,6 +314,9 @@ def _register_builtin_stages() -> None:
     register_stage(Stage("grid", _grid_outputs, lambda c: build_grid(
         c.recipe, c.target, c.tables["obs"], c.tables["images"], c.results["vision"],
         c.tables["species"], c.progress), needs=("vision",)), after="observations")
+    from .ann import register_similarity_stage  # pooled-vector index above a size (H3)
+
+    register_similarity_stage()
     from .patch_index import register_patch_stage  # optional: cubes.patches.enabled (H7)
 
     register_patch_stage()
