@@ -37,6 +37,7 @@ from . import schema as S
 from .encode import encoding_for, write_dataset
 
 _MONTH_KNOWN = 1  # time_precision code of "month" (timeparse.PRECISIONS)
+FIT_LEVELS = 2  # colour ranges are fitted on this many of the finest levels
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,10 @@ def build_pyramid(ds_def: GridDataset, cfg: dict, bbox: tuple[float, float, floa
               for lv in range(frame.num_levels)]
     slugs = {S.species_slug(n): n for n in species_names}
     out = []
-    fitted = {name: _attrs_of(name, slugs).color_range.fit([lv[name] for lv in levels])
+    # colour ranges from the two finest levels, the ones a map of the region shows (at
+    # 256 px for the region a pixel is finer than level 0's cells); coarser levels, seen
+    # only in thumbnails, may reach the top colour more often
+    fitted = {name: _attrs_of(name, slugs).color_range.fit([lv[name] for lv in levels[:FIT_LEVELS]])
               for name in levels[0]}
     for lv, layers in enumerate(levels):
         r, lat, lon = frame.level(lv)
@@ -261,6 +265,7 @@ def build_pyramid(ds_def: GridDataset, cfg: dict, bbox: tuple[float, float, floa
             "level": lv, "num_levels": frame.num_levels, "spatial_res": r,
             "time_period": cfg["period"] if ds_def.time == "period" else ds_def.time,
             "min_observations": int(cfg["min_observations"]),
+            "data_bbox": [float(v) for v in bbox],  # the data's extent; the grid is padded
             "geospatial_lon_min": frame.west,
             "geospatial_lon_max": round(frame.west + frame.nx * res, 10),
             "geospatial_lat_min": round(frame.north - frame.ny * res, 10),

@@ -209,7 +209,11 @@ def color_stops(var: GridVariable, vmin: float, vmax: float, n: int = 11,
     stops = [(float(f"{v:.6g}"), matplotlib.colors.to_hex(cmap(i / (n - 1)), keep_alpha=True))
              for i, v in enumerate(values)]
     if var.color_range.transparent_zero and vmin > 0:
-        stops = [(0.0, _TRANSPARENT), (float(vmin) * 0.999, _TRANSPARENT), *stops]
+        # Colour maps are 256-entry tables over [0, vmax]: entry 0 (zero) transparent, the
+        # first colour reached at entry 1, so values >= vmin (with vmax <= 255 vmin) are
+        # opaque however the table is sampled (xcube and matplotlib sample it alike).
+        edge = min(float(vmax) / 255, float(vmin) * 0.999)
+        stops = [(0.0, _TRANSPARENT), (float(f"{edge:.6g}"), stops[0][1]), *stops]
     return stops
 
 

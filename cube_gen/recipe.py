@@ -157,7 +157,7 @@ RECIPE_SCHEMA: dict[str, Any] = {
         "grid": {
             **_ENCODING,
             "zarr_format": (int, 2, _zarr_format, "Zarr format of the pyramid levels"),
-            "resolution": ((int, float), 0.02, _resolution,
+            "resolution": ((int, float), 0.03, _resolution,
                            "finest cell size in degrees of the per-period and month-of-year "
                            "pyramids"),
             "all_years_resolution": ((int, float, type(None)), None,

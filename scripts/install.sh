@@ -15,7 +15,8 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
     exit 0
 fi
 
-APT_PACKAGES="libgdal-dev gdal-bin chromium chromium-driver"
+# python3-qgis: QGIS 3.22 for the client tests (tests/test_qgis.py, system python3)
+APT_PACKAGES="libgdal-dev gdal-bin chromium chromium-driver python3-qgis qgis-providers"
 missing=""
 for p in $APT_PACKAGES; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

@@ -139,7 +139,7 @@ def test_colour_ranges_are_fitted_and_do_not_saturate(tiny_cubes):
             if name.startswith("embedding_"):
                 assert (lo, hi) == (0.0, 1.0)
                 continue
-            for ds in levels:  # at no level is more than ~2 % of the coloured cells at the top
+            for ds in levels[:2]:  # the levels a map of the region shows: <= ~2 % at the top
                 v = ds[name].values
                 v = v[np.isfinite(v) & (v > 0)]
                 if v.size >= 50:

@@ -21,13 +21,13 @@ NS_XLINK = "http://www.w3.org/1999/xlink"
 NS_XSI = "http://www.w3.org/2001/XMLSchema-instance"
 GETMAP_FORMATS = ("image/png",)
 INFO_FORMATS = ("text/plain", "text/html", "application/json", "application/geo+json")
-ET.register_namespace("", NS_WMS)
-ET.register_namespace("xlink", NS_XLINK)
-ET.register_namespace("xsi", NS_XSI)
+# Elements are written with literal names (the WMS namespace is the root's default, xlink
+# and xsi are declared on the root): no global ElementTree namespace registration, which
+# would change how other services (the WMTS) serialise their documents.
 
 
 def _w(tag: str) -> str:
-    return f"{{{NS_WMS}}}{tag}"
+    return tag
 
 
 def _sub(parent: ET.Element, tag: str, text=None, **attrs) -> ET.Element:
@@ -38,8 +38,8 @@ def _sub(parent: ET.Element, tag: str, text=None, **attrs) -> ET.Element:
 
 
 def _online(parent: ET.Element, href: str) -> ET.Element:
-    return ET.SubElement(parent, _w("OnlineResource"), {f"{{{NS_XLINK}}}type": "simple",
-                                                        f"{{{NS_XLINK}}}href": href})
+    return ET.SubElement(parent, _w("OnlineResource"), {"xlink:type": "simple",
+                                                        "xlink:href": href})
 
 
 def _mercator(lon: float, lat: float) -> tuple[float, float]:
@@ -74,9 +74,9 @@ def capabilities_xml(layers: Mapping[str, WmsLayer], base_url: str,
                      titles: Mapping[str, str]) -> bytes:
     """The document; ``base_url`` ends with ``?``; ``titles``: dataset id -> title."""
     root = ET.Element(_w("WMS_Capabilities"), {
-        "version": WMS_VERSION,
-        f"{{{NS_XSI}}}schemaLocation": f"{NS_WMS} http://schemas.opengis.net/wms/1.3.0/"
-                                       "capabilities_1_3_0.xsd"})
+        "version": WMS_VERSION, "xmlns": NS_WMS, "xmlns:xlink": NS_XLINK, "xmlns:xsi": NS_XSI,
+        "xsi:schemaLocation": f"{NS_WMS} http://schemas.opengis.net/wms/1.3.0/"
+                              "capabilities_1_3_0.xsd"})
     service = _sub(root, "Service")
     _sub(service, "Name", "WMS")
     _sub(service, "Title", "DeepEarth WMS")

@@ -71,6 +71,9 @@ def dataset_layers(dataset_id: str, title: str, levels: Sequence[xr.Dataset],
     g0 = geoms[0]
     bbox = (g0.west, g0.north - g0.ny * g0.resolution, g0.west + g0.nx * g0.resolution,
             g0.north)
+    data_bbox = ds0.attrs.get("data_bbox")  # the grid is padded to whole coarsest cells
+    if data_bbox is not None and len(data_bbox) == 4:
+        bbox = tuple(float(v) for v in data_bbox)
     axis = make_time_axis(ds0)
     names = [n for n in (variables or ds0.data_vars) if n in ds0.data_vars
              and _timed_ok(ds0[n])]
