@@ -8,7 +8,8 @@ of 1408 dims, 26 GB as float32) the index is ``PCAR{dims},IVF{nlist},PQ{pq_bytes
 a PCA to ``dims`` followed by a random rotation (which spreads variance evenly over the
 PQ sub-vectors), an inverted file of ``nlist`` k-means cells and product-quantised
 residuals of ``pq_bytes`` bytes. Each patch costs ``pq_bytes + 8`` bytes (code and id),
-e.g. 40 B at the defaults, 183 MB for the published set, against a stated budget of
+e.g. 40 B at the defaults: 183 MB of codes for the published set, about 350 MB in memory
+with the coarse centroids and FAISS's precomputed tables, against a stated budget of
 ``memory_budget_mb`` (2 GB by default; the build refuses a configuration over it).
 Search is by L2 distance on the unit vectors (the ranking of cosine; L2 is also
 unaffected by the PCA's centring), then the best ``rerank`` candidates are re-ranked
@@ -115,25 +116,30 @@ class Window:
         x0 = min(max(px, 0), grid - w)
         return Window(y0, x0, y0 + h, x0 + w)
 
-    def as_dict(self) -> dict[str, int]:
-        return {"patch_y": [self.y0, self.y1], "patch_x": [self.x0, self.x1]}
+    def as_dict(self) -> dict[str, list[int]]:
+        """First and last row and column, inclusive: ``{"patch_y": [4, 7], "patch_x": [..]}``."""
+        return {"patch_y": [self.y0, self.y1 - 1], "patch_x": [self.x0, self.x1 - 1]}
 
 
 def parse_range(name: str, text: str, grid: int = L.N_PATCH) -> tuple[int, int]:
-    """``"7"`` -> (7, 8); ``"4:8"`` -> (4, 8) (half-open); ValueError naming ``name``."""
-    allowed = f"an integer in [0, {grid - 1}] or a range a:b with 0 <= a < b <= {grid}"
-    parts = str(text).split(":")
+    """``"7"`` -> (7, 8); ``"4-7"`` (first-last, inclusive) -> (4, 8) half-open.
+
+    ValueError naming ``name`` when it is not a patch or range within the grid.
+    """
+    allowed = (f"an integer in [0, {grid - 1}] or a range first-last with "
+               f"0 <= first <= last <= {grid - 1}")
+    parts = str(text).split("-")
     if len(parts) > 2 or not all(p.isascii() and p.isdigit() and len(p) <= 4 for p in parts):
         raise ValueError(f"{name}: expected {allowed}, got {str(text)[:50]!r}")
     lo = int(parts[0])
-    hi = int(parts[1]) if len(parts) == 2 else lo + 1
+    hi = int(parts[-1]) + 1
     if not (0 <= lo < hi <= grid):
         raise ValueError(f"{name}: expected {allowed}, got {str(text)[:50]!r}")
     return lo, hi
 
 
 def parse_window(py: str, px: str) -> Window:
-    """The window of path segments ``py`` and ``px`` (a patch ``7`` or a range ``4:8``)."""
+    """The window of path segments ``py`` and ``px`` (a patch ``7`` or a range ``4-7``)."""
     y0, y1 = parse_range("py", py)
     x0, x1 = parse_range("px", px)
     return Window(y0, x0, y1, x1)
@@ -211,6 +217,7 @@ def plan_index(spec: IndexSpec, n_patches: int, n_features: int = L.N_FEATURES) 
                + nlist * dims * 4                         # coarse centroids
                + n_features * dims * 4 + n_features * 4   # PCA matrix and mean
                + 256 * dims * 4                           # PQ codebooks
+               + nlist * spec.pq_bytes * 256 * 4          # precomputed residual tables
                + nlist * 64)                              # list headers
         plan = Plan("ivfpq", n_patches, n_features, dims, spec.pq_bytes, nlist, est)
     budget = spec.memory_budget_mb << 20

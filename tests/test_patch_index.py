@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from patch_reference import brute, reference_vectors
 
 from cube_gen import patch_index as P
 from cube_gen.access import CubeSet, Query
@@ -18,12 +19,7 @@ def cs(tiny_cubes) -> CubeSet:
 @pytest.fixture(scope="module")
 def all_vectors(cs) -> np.ndarray:
     """Brute-force reference: every patch's unit frame-mean vector, computed with numpy."""
-    n = cs.vision.sizes["image"]
-    out = []
-    for i in range(n):
-        f = cs.features(i).astype(np.float64).mean(axis=0).reshape(-1, 1408)
-        out.append(f / np.linalg.norm(f, axis=1, keepdims=True))
-    return np.concatenate(out)
+    return reference_vectors(cs)
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +37,6 @@ def pindex(cs, tmp_path_factory) -> P.PatchIndex:
     return P.PatchIndex(back, attrs, P.cube_exact_vectors(cs))
 
 
-def _brute(all_vectors, query, k, allowed_images):
-    ids = np.flatnonzero(np.repeat(allowed_images, 576))
-    scores = all_vectors[ids] @ (query / np.linalg.norm(query))
-    order = np.lexsort((ids, -scores))[:k]
-    return ids[order], scores[order]
-
-
 def _positions(cs, result):
     return cs.image_positions([r["gbif_id"] for r in result["results"]],
                               [r["image_number"] for r in result["results"]])
@@ -59,7 +48,7 @@ def test_exact_search_equals_brute_force(cs, pindex, all_vectors, image, py, px)
     res = P.similar_patches(cs, pindex, image, P.Window.patch(py, px), k=k)
     allowed = np.ones(cs.vision.sizes["image"], bool)
     allowed[image] = False  # "where else": other images by default
-    want_ids, want_scores = _brute(all_vectors, all_vectors[P.patch_id(image, py, px)], k,
+    want_ids, want_scores = brute(all_vectors, all_vectors[P.patch_id(image, py, px)], k,
                                    allowed)
     pos = _positions(cs, res)
     got_ids = P.patch_id(pos, [r["patch_y"] for r in res["results"]],
@@ -83,15 +72,15 @@ def test_window_query_is_the_mean_of_its_patches(cs, pindex, all_vectors):
     q = all_vectors[ids].mean(axis=0)
     allowed = np.ones(cs.vision.sizes["image"], bool)
     allowed[1] = False
-    want_ids, want_scores = _brute(all_vectors, q, 5, allowed)
+    want_ids, want_scores = brute(all_vectors, q, 5, allowed)
     pos = _positions(cs, res)
     got = P.patch_id(pos, [r["patch_y"] for r in res["results"]],
                      [r["patch_x"] for r in res["results"]])
     np.testing.assert_array_equal(got, want_ids)
     np.testing.assert_allclose([r["score"] for r in res["results"]], want_scores, atol=2e-6)
     for r in res["results"]:  # each match carries a window of the query's size
-        (y0, y1), (x0, x1) = r["window"]["patch_y"], r["window"]["patch_x"]
-        assert (y1 - y0, x1 - x0) == (4, 4) and y0 <= r["patch_y"] < y1 and x0 <= r["patch_x"] < x1
+        (y0, y1), (x0, x1) = r["window"]["patch_y"], r["window"]["patch_x"]  # inclusive
+        assert (y1 - y0, x1 - x0) == (3, 3) and y0 <= r["patch_y"] <= y1 and x0 <= r["patch_x"] <= x1
 
 
 def test_filters_are_honoured(cs, pindex, all_vectors):
@@ -110,7 +99,7 @@ def test_filters_are_honoured(cs, pindex, all_vectors):
             continue
         pos = _positions(cs, res)
         assert allowed[pos].all(), q
-        want, _ = _brute(all_vectors, all_vectors[P.patch_id(4, 10, 10)], 8, allowed)
+        want, _ = brute(all_vectors, all_vectors[P.patch_id(4, 10, 10)], 8, allowed)
         got = P.patch_id(pos, [r["patch_y"] for r in res["results"]],
                          [r["patch_x"] for r in res["results"]])
         np.testing.assert_array_equal(got, want)
@@ -140,10 +129,22 @@ def test_bad_windows_name_the_parameter(window, name):
         window.check()
 
 
+@pytest.mark.parametrize("py,px,name", [("24", "0", "py"), ("0", "-1", "px"), ("5-4", "1", "py"),
+                                        ("a", "0", "py"), ("3", "4-2-1", "px"), ("3", "", "px")])
+def test_parse_window_rejects_bad_coordinates(py, px, name):
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        P.parse_window(py, px)
+
+
+def test_parse_window_ranges_are_inclusive():
+    assert P.parse_window("4-7", "23") == P.Window(4, 23, 8, 24)
+    assert P.parse_window("0", "0-23").as_dict() == {"patch_y": [0, 0], "patch_x": [0, 23]}
+
+
 def test_plan_respects_the_memory_budget():
     plan = P.plan_index(P.IndexSpec(), 7949 * 576)  # the published set
     assert plan.kind == "ivfpq" and plan.estimated_bytes < 2 << 30
-    assert plan.estimated_bytes / plan.n_patches < 50  # bytes per patch at the defaults
+    assert plan.estimated_bytes / plan.n_patches < 100  # in memory: codes, ids, tables
     with pytest.raises(ValueError, match="memory_budget_mb"):
         P.plan_index(P.IndexSpec(memory_budget_mb=100), 7949 * 576)
     with pytest.raises(ValueError, match="memory_budget_mb"):  # flat at scale: 26 GB

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import functools
 import platform
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from cube_gen import schema as S
+from cube_gen.patch_index import Window as PatchWindow
+from cube_gen.patch_index import parse_window
 
 from .. import render
 from ..common import params as P
-from ..common.errors import ApiProblem, NotFound
+from ..common.errors import ApiProblem, NotFound, ParamError
 from ..common.handler import Handler, endpoint, error_response, json_ok, png_ok
 from ..common.handler import binary_ok as binary_ok
 from ..config import DEFAULTS
@@ -295,6 +298,86 @@ async def similar_embeddings(h: DeepEarthHandler, emb: D.EmbeddingId, k: int, q,
                              include_self: bool):
     """Embeddings similar to one embedding."""
     await h.reply_json(await h.call(C.similar_embeddings, emb, k, q, include_self))
+
+
+@dataclass(frozen=True)
+class _PatchWindowPath(P.Group):
+    """``/{py}/{px}``: a patch (``7/12``) or a patch window, first-last inclusive
+    (``4-7/10-13``: rows 4 to 7, columns 10 to 13)."""
+
+    def openapi(self) -> list[dict]:
+        return [P.path_param(n, f"patch {axis}: an integer in [0, 23] or a range first-last "
+                             "(inclusive)", {"type": "string", "example": ex})
+                for n, axis, ex in (("py", "row", "12"), ("px", "column", "10-13"))]
+
+    def read(self, inputs: P.Inputs) -> PatchWindow:
+        try:
+            return parse_window(inputs.path["py"], inputs.path["px"])
+        except ValueError as exc:
+            name = str(exc).split(":", 1)[0]
+            raise ParamError(f"parameter {exc}", name, "an integer in [0, 23] or a range "
+                             "first-last with 0 <= first <= last <= 23",
+                             inputs.path[name][:50]) from None
+
+
+_PATCH_WINDOW = _PatchWindowPath()
+_PATCH_LINKS = "/embeddings/{gbif_id}/{image_number}/patches/{py}/{px}"
+
+
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def _patch_links(h: DeepEarthHandler, gbif_id: int, image_number: int, py: int, px: int,
+                 size: tuple[int, int]) -> dict[str, str]:
+    """Links of a match: its patch crop, a search from it, its observation."""
+    (y0, y1), (x0, x1) = PatchWindow(0, 0, *size).around(py, px).as_dict().values()
+    base = _PATCH_LINKS.format(gbif_id=gbif_id, image_number=image_number,
+                               py=_span(y0, y1), px=_span(x0, x1))
+    return {"crop": h.link(base + "/crop.png"), "similar": h.link(base + "/similar"),
+            "observation": h.link(f"/observations/{gbif_id}")}
+
+
+@route(_PATCH_LINKS + "/similar", "deepearthSimilarPatches",
+       "k most similar patches (or patch windows) across all images, optionally filtered",
+       params={"emb": D.EMBEDDING, "window": _PATCH_WINDOW, "k": D.k_param(), "q": D.FILTERS,
+               "include_self": D.include_self("include patches of the query image itself"),
+               "group": P.Boolean("group", "group the results per image: k images, each "
+                                  "with its best matching patches", False),
+               "per_image": P.Integer("per_image", "patches listed per image when grouped",
+                                      3, 1, 50)},
+       responses=json_ok("Ranked patches (or images) with gbif_id, image, patch position, "
+                         "cosine score, species, time and place"))
+async def similar_patches(h: DeepEarthHandler, emb: D.EmbeddingId, window: PatchWindow,
+                          k: int, q, include_self: bool, group: bool, per_image: int):
+    """Where else does a part that looks like this occur? The query is the frame-mean
+    vector of patch (``py``, ``px``), or the mean over a window ``py=a-b``, ``px=c-d``
+    (first-last, inclusive). Candidates come from the cube set's patch index (IVF-PQ or flat) and
+    are re-ranked exactly (cosine of the stored frame-mean patch vectors). Patches of the
+    query image are left out unless ``include_self``. 404 when the cube set has no patch
+    index."""
+    result = await h.call(C.similar_patches, emb, window, k, q, include_self, group,
+                          per_image)
+    size = window.size
+    for rec in result["results"]:
+        for p in rec["patches"] if group else [rec]:
+            p["links"] = _patch_links(h, rec["gbif_id"], rec["image_number"], p["patch_y"],
+                                      p["patch_x"], size)
+    await h.reply_json(result)
+
+
+@route(_PATCH_LINKS + "/crop.png", "deepearthPatchCrop",
+       "Attention map around a patch window as PNG, the window outlined",
+       params={"emb": D.EMBEDDING, "window": _PATCH_WINDOW, "style": D.ATTENTION_STYLE,
+               "margin": P.Integer("margin", "patches of context around the window", 2, 0,
+                                   12)},
+       responses=png_ok("RGBA PNG"))
+async def patch_crop(h: DeepEarthHandler, emb: D.EmbeddingId, window: PatchWindow,
+                     style: D.AttentionStyle, margin: int):
+    """The attention map (``method``, ``frame``, ``colormap``, ``alpha``; normalised over
+    the whole image) cropped to the window plus ``margin`` patches, longest side about
+    ``size`` pixels, the window outlined black and white: the thumbnail of a patch match."""
+    h.send_png(await h.call(C.patch_crop_png, emb, window, style, margin))
 
 
 # -- projections and statistics ------------------------------------------------------------
