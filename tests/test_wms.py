@@ -249,3 +249,13 @@ def test_all_years_richness_map_of_the_demo_is_readable(demo_all_years):
     # the finest level: a typical cell holds several observations
     counts = levels[0].observation_count.values
     assert np.median(counts[counts > 0]) >= 3
+
+
+def test_wmts_kvp_url_works_as_pasted_into_qgis(served):
+    import requests
+
+    # QGIS appends SERVICE=WMS&REQUEST=GetCapabilities to the bare URL in its dialog
+    r = requests.get(served.url + "/deepearth/wmts/kvp",
+                     params={"SERVICE": "WMS", "REQUEST": "GetCapabilities"}, timeout=TIMEOUT)
+    assert r.status_code == 200 and "http://www.opengis.net/wmts/1.0" in r.text
+    assert "grid_all_years.species_richness" in r.text

@@ -419,7 +419,8 @@ def test_errors_are_ows_exception_reports(served: Served):
          400, "InvalidParameterValue", "FORMAT"),
         (get(served.kvp_url, SERVICE="WMTS", REQUEST="GetFeatureInfo"), 501,
          "OperationNotSupported", "REQUEST"),
-        (get(served.kvp_url, SERVICE="WMS", REQUEST="GetCapabilities"), 400,
+        # SERVICE=WMS&REQUEST=GetCapabilities is QGIS's probe of a pasted URL: answered
+        (get(served.kvp_url, SERVICE="WMS", REQUEST="GetMap"), 400,
          "InvalidParameterValue", "SERVICE"),
         (get(served.kvp_url, SERVICE="WMTS"), 400, "MissingParameterValue", "REQUEST"),
         (get(served.kvp_url, SERVICE="WMTS", REQUEST="GetCapabilities",

@@ -156,6 +156,28 @@ def _bbox_in(tms: TileMatrixSetDef, wgs84: tuple[float, float, float, float]):
     return float(x0), float(y0), float(x1), float(y1)
 
 
+PIXELS_PER_CELL = 4  # at the deepest tile matrix a finest grid cell spans >= this many pixels
+_M_PER_DEGREE = 111319.49079327357
+
+
+def deep_enough(tms: TileMatrixSetDef, ml_dataset, xcube_max: int) -> int:
+    """The deepest tile matrix of a layer: xcube's, or deeper until one cell of the finest
+    level spans ``PIXELS_PER_CELL`` tile pixels (so cells render as squares, not slivers)."""
+    gm = ml_dataset.grid_mapping
+    res = float(min(gm.xy_res))
+    if not gm.crs.is_geographic:
+        res /= _M_PER_DEGREE
+    level = xcube_max
+    while level < 24:
+        pixel = tms.resolution(level)
+        if tms.meters_per_unit == 1.0:  # metres (Web Mercator): at the equator, the coarsest
+            pixel /= _M_PER_DEGREE
+        if res / pixel >= PIXELS_PER_CELL:
+            break
+        level += 1
+    return level
+
+
 def _wgs84_bbox(ml_dataset) -> tuple[float, float, float, float]:
     gm = ml_dataset.grid_mapping
     x0, y0, x1, y1 = (float(v) for v in gm.xy_bbox)
@@ -189,7 +211,8 @@ def build_layers(datasets_ctx) -> dict[str, Layer]:
             ml_dataset = datasets_ctx.get_ml_dataset(ds_id)
             ds = ml_dataset.base_dataset
             wgs84 = _wgs84_bbox(ml_dataset)
-            max_levels = {tid: int(ml_dataset.derive_tiling_scheme(scheme).max_level)
+            max_levels = {tid: deep_enough(TILE_MATRIX_SETS[tid], ml_dataset, int(
+                ml_dataset.derive_tiling_scheme(scheme).max_level))
                           for tid, scheme in XCUBE_SCHEMES.items()}
             warm_indexes(ml_dataset)
         except Exception as exc:  # noqa: BLE001 - one bad dataset must not hide the others

@@ -143,9 +143,13 @@ async def kvp(h: WmtsHandler, q: dict[str, str]):
         await h.send_capabilities(None)
         return
     service = q.get("service")
-    if service is not None and service.upper() != "WMTS":
-        raise invalid("SERVICE", f"SERVICE={service!r}; this is a WMTS (SERVICE=WMTS)")
     request = q.get("request")
+    # QGIS appends SERVICE=WMS&REQUEST=GetCapabilities to a bare URL pasted into its
+    # WMS/WMTS dialog and reads the WMTS document it gets back
+    qgis_probe = (service or "").upper() == "WMS" and (request or "").lower() == \
+        "getcapabilities"
+    if service is not None and service.upper() != "WMTS" and not qgis_probe:
+        raise invalid("SERVICE", f"SERVICE={service!r}; this is a WMTS (SERVICE=WMTS)")
     if not request:
         raise missing("REQUEST")
     req = request.lower()
