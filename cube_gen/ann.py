@@ -94,8 +94,8 @@ class VectorIndex:
                    nprobe: int | None = None) -> np.ndarray:
         """Up to ``n`` row numbers near ``query`` (approximate order), all within ``allowed``.
 
-        A mask allowing a fraction f of the rows probes about nprobe / f lists, so that
-        about as many allowed rows are scanned as without a filter.
+        A mask allowing a fraction f of the rows probes about nprobe / f lists (at most
+        8 x nprobe), so that about as many allowed rows are scanned as without a filter.
         """
         faiss = _faiss()
         q = unit(np.asarray(query, np.float32).reshape(1, -1))
@@ -111,7 +111,7 @@ class VectorIndex:
             if frac < 1.0:
                 bits = np.packbits(allowed, bitorder="little")
                 selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(bits))
-                nprobe = int(min(self.nlist, math.ceil(nprobe / frac)))
+                nprobe = int(min(self.nlist, 8 * nprobe, math.ceil(nprobe / frac)))
         params = faiss.SearchParametersPreTransform()
         params.index_params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe) \
             if selector is not None else faiss.SearchParametersIVF(nprobe=nprobe)
