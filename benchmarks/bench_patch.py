@@ -1,11 +1,11 @@
 """Patch index benchmark: build time per embedding, bytes per patch, query p50, recall@10,
 IVF-PQ (+ exact re-ranking) side by side with FAISS flat on the same vectors.
 
-    nice python -m benchmarks.bench_patch [--images 248] [--nlist 2048] [--queries 50]
+    nice python -m benchmarks.bench_patch [--images 124] [--nlist 1024] [--queries 30]
 
 Vectors: :func:`cube_gen.patch_index.simulate_patch_vectors` (unit 1408-d frame-mean patch
 vectors shaped like the synthetic source's: species signatures on object regions), at a
-fraction of the published scale that fits this machine (the default 248 images are 1/32 of
+fraction of the published scale that fits this machine (the default 124 images are 1/64 of
 7,949; flat float32 at 1x would be 26 GB). Built and searched side by side in one run:
 
 * ``flat``: ``faiss.IndexFlatIP`` of the 1408-d unit vectors (exact; the baseline);
@@ -66,12 +66,12 @@ def _p50(fn, queries) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--images", type=int, default=248)
-    ap.add_argument("--nlist", type=int, default=2048)
-    ap.add_argument("--queries", type=int, default=50)
+    ap.add_argument("--images", type=int, default=124)
+    ap.add_argument("--nlist", type=int, default=1024)
+    ap.add_argument("--queries", type=int, default=30)
     ap.add_argument("--rerank", type=int, default=400)
     ap.add_argument("--rerank-more", type=int, default=1000, help="a second re-rank depth")
-    ap.add_argument("--nprobe", type=int, default=48)
+    ap.add_argument("--nprobe", type=int, default=128)
     ap.add_argument("--max-factor", type=int, default=10 * PUBLISHED_IMAGES)
     args = ap.parse_args(argv)
     import faiss

@@ -1,6 +1,6 @@
 """Run every benchmark in turn (``make bench``); each writes benchmarks/out/<name>.md.
 
-    python -m benchmarks.run_all [--only gen,formats,server,load,s3]
+    python -m benchmarks.run_all [--only gen,formats,server,load,s3,patch]
 
 Copy the printed tables into benchmarks/RESULTS.md when they are to be recorded.
 """
@@ -11,7 +11,7 @@ import argparse
 import importlib
 import time
 
-BENCHMARKS = ("gen", "formats", "server", "load", "s3")
+BENCHMARKS = ("gen", "formats", "server", "load", "s3", "patch")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,7 +147,7 @@ RECIPE_SCHEMA: dict[str, Any] = {
             "pq_bytes": (int, 32, _positive_int, "bytes per product-quantised patch"),
             "nlist": (int, None, lambda v: None if v is None else _positive_int(v),
                       "inverted lists (null: about 4 sqrt(patches))"),
-            "nprobe": (int, 48, _positive_int, "lists searched per query (default)"),
+            "nprobe": (int, 128, _positive_int, "lists searched per query (default)"),
             "rerank": (int, 400, _positive_int, "candidates re-ranked exactly (default)"),
             "train_patches": (int, 200_000, _positive_int, "training sample (patches)"),
             "exact_below": (int, 20_000, _positive_int, "flat index below this many patches"),
