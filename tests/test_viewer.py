@@ -177,7 +177,7 @@ def test_grid_layer_tiles_render(session):
 def test_selecting_an_observation_shows_the_observation_panel(session, observation):
     page = session["page"]
     page.locator("#mui-component-select-place-groups").click()
-    page.get_by_role("option", name="Observations", exact=True).click()
+    page.get_by_role("option", name="Observations with photo embeddings", exact=True).click()
     page.locator("#menu-place-groups .MuiBackdrop-root").click()
     page.locator("#mui-component-select-place").click()
     page.get_by_role("option", name=observation["place_label"]).first.click()

@@ -104,6 +104,9 @@ def test_dot_filter_parameters():
                               "time": ["2021-01-01T00:00:00Z"], "crs": ["EPSG:3857"]})
     assert f.taxa == "Quercus" and f.months == (3, 5) and f.years == (2021, 2021)
     assert f.time == pd.Timestamp("2021-01-01")
+    assert f.dataset is None  # the yearly grid by default
+    assert DotFilter.from_query({"time": ["2021-05-01"], "dataset": ["grid_month_of_year"]}) \
+        .dataset == "grid_month_of_year"
     assert DotFilter.from_query({}).is_empty
     with pytest.raises(FilterError) as err:
         DotFilter.from_query({"hours": ["25"]})
@@ -175,6 +178,24 @@ def test_query_polygon_and_taxa_select_what_an_independent_count_finds(tiny_cube
     assert cs.select_observations(Query.make(months="3-5")).tolist() == spring.tolist()
     with pytest.raises(ValueError, match="at least 3 distinct vertices"):
         Query.make(polygon=[(0, 0), (1, 1)])
+
+
+def test_dots_follow_the_time_step_of_the_dataset_shown(tiny_cubes):
+    from cube_gen.access import CubeSet
+
+    cs = CubeSet.open(str(tiny_cubes))
+    t = pd.DatetimeIndex(cs.observations.time.values)
+    precision = cs.observations.time_precision.values
+
+    def shown(**q):
+        return int(DotFilter.from_query({k: [v] for k, v in q.items()}).mask(cs).sum())
+
+    assert shown(time="2020-01-01T00:00:00Z", dataset="grid") == int((t.year == 2020).sum())
+    assert shown(time="2020-01-01T00:00:00Z") == int((t.year == 2020).sum())
+    assert shown(time="2010-01-01T00:00:00Z", dataset="grid_all_years") == len(t)
+    may = int(((t.month == 5) & (precision >= PRECISION_CODES["month"])).sum())
+    assert shown(time="2010-05-01T00:00:00Z", dataset="grid_month_of_year") == may
+    assert shown(time="2010-05-01T00:00:00Z", dataset="grid_month_of_year", months="6-7") == 0
 
 
 # -- synthetic photos ----------------------------------------------------------------------------
@@ -368,7 +389,7 @@ def test_dot_click_shows_the_observation(loop):
     page, obs = loop["page"], loop["obs"]
     target = obs[obs.num_embeddings >= 1].iloc[0]
     year = target.time.year
-    page.goto(f"{loop['url']}/viewer/?time={year}-01-01T00:00:00Z&zoom=14"
+    page.goto(f"{loop['url']}/viewer/?dataset=grid&time={year}-01-01T00:00:00Z&zoom=14"
               f"&center={target.lon:.6f},{target.lat:.6f}", wait_until="domcontentloaded")
     page.get_by_role("button", name="Accept").click(timeout=WAIT_MS)
     page.wait_for_function("() => window.deepearth && window.deepearth.store && "

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cube_gen.phenology import parse_range
+from cube_gen import schema as S
+from cube_gen.phenology import parse_range, phenology_mask
 from cube_gen.query import Query
 
 EARTH_RADIUS_M = 6_371_008.8
@@ -45,7 +46,8 @@ class DotFilter:
     months: tuple[int, int] | None = None
     hours: tuple[int, int] | None = None
     years: tuple[int, int] | None = None
-    time: pd.Timestamp | None = None  # a grid time step: its period is shown
+    time: pd.Timestamp | None = None  # a time step of the dataset shown: its period
+    dataset: str | None = None  # the grid dataset shown (its time steps give the period)
 
     @staticmethod
     def from_query(query: dict[str, list[str]]) -> DotFilter:
@@ -69,25 +71,51 @@ class DotFilter:
                 if pd.Timestamp(t).tzinfo else pd.Timestamp(t)
         except ValueError:
             raise FilterError("time", f"parameter 'time': not an ISO time: {t!r}") from None
-        return DotFilter(one("taxa"), months, hours, years, time)
+        return DotFilter(one("taxa"), months, hours, years, time,
+                         one("dataset") if time is not None else None)
 
     @property
     def is_empty(self) -> bool:
         return self == DotFilter()
 
+    def time_constraint(self, cs) -> dict[str, Any]:
+        """Query arguments of the selected time step in the shown dataset: a period
+        (start, end) for yearly steps, a month of year for the month-of-year climatology,
+        nothing for a dataset with one step (all years)."""
+        if self.time is None:
+            return {}
+        cube = self.dataset if self.dataset in S.GRID_CUBES else S.GRID
+        try:
+            grid = cs.grid(0, cube=cube)
+        except Exception:  # noqa: BLE001 - a cube set without that pyramid: the yearly one
+            grid = cs.grid(0)
+        steps = np.asarray(grid.time.values).astype("datetime64[ns]")
+        if len(steps) <= 1:
+            return {}
+        if "climatology" in grid.time.attrs:
+            month = pd.Timestamp(self.time).month
+            return {"months_of_step": (month, month)}
+        start, end = time_step_period(steps, self.time)
+        bounds = grid.time.attrs.get("bounds")
+        if bounds in grid:
+            i = int(np.argmin(np.abs(steps - np.datetime64(pd.Timestamp(self.time), "ns"))))
+            start, end = (np.datetime64(v, "ns") for v in grid[bounds].values[i])
+        return {"start": start, "end": end - np.timedelta64(1, "ns")}  # Query ends: inclusive
+
     def query(self, cs) -> Query:
         """The :class:`~cube_gen.query.Query` of the dots (the time step as start/end)."""
-        start = end = None
-        if self.time is not None:
-            start, end = time_step_period(cs.grid(0).time.values, self.time)
-            end = end - np.timedelta64(1, "ns")  # Query ends are inclusive
-        return Query.make(start=start, end=end, taxa=self.taxa, months=self.months,
-                          hours=self.hours, years=self.years)
+        t = self.time_constraint(cs)
+        return Query.make(start=t.get("start"), end=t.get("end"), taxa=self.taxa,
+                          months=self.months, hours=self.hours, years=self.years)
 
     def mask(self, cs) -> np.ndarray:
         """Boolean mask along ``obs`` of the observations this filter keeps."""
         keep = np.zeros(cs.observations.sizes["obs"], bool)
         keep[cs.select_observations(self.query(cs))] = True
+        step_months = self.time_constraint(cs).get("months_of_step")
+        if step_months is not None:  # the climatology's month and the user's months
+            o = cs.observations
+            keep &= phenology_mask(o.time.values, o.time_precision.values, months=step_months)
         return keep
 
 

@@ -73,7 +73,9 @@ _FILTER_DOC = {
     "months": "months of year a-b (1..12, wraps: 11-2)",
     "hours": "hours of day a-b (0..23, wraps)",
     "year": "years a-b",
-    "time": "ISO time of the grid time step shown (the dots follow the time slider)",
+    "time": "ISO time of the time step shown (the dots follow the time slider)",
+    "dataset": "grid dataset shown: its time steps give the period (a year, a month of year "
+               "of the climatology, all years); default: the yearly grid",
 }
 
 
@@ -82,7 +84,8 @@ class DotFilters(P.Group):
     """The dots' filters -> :class:`~.loop.DotFilter`."""
 
     def openapi(self) -> list[dict]:
-        return [P.query_param(n, _FILTER_DOC.get(n, n)) for n in (*FILTER_PARAMS, "time")]
+        return [P.query_param(n, _FILTER_DOC.get(n, n))
+                for n in (*FILTER_PARAMS, "time", "dataset")]
 
     def read(self, inputs: P.Inputs) -> DotFilter:
         try:

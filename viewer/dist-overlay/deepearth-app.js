@@ -119,6 +119,19 @@
     return [];
   }
 
+  // the time steps as the viewer selects them (ms since 1970; labels parsed as a fallback)
+  function timeCoordinates(st) {
+    var ds = selectedDataset(st);
+    var dims = (ds && ds.dimensions) || [];
+    for (var i = 0; i < dims.length; i++) {
+      if (dims[i].name === "time") {
+        if (dims[i].coordinates && dims[i].coordinates.length) return dims[i].coordinates.map(Number);
+        return (dims[i].labels || []).map(function (l) { return Date.parse(l); });
+      }
+    }
+    return [];
+  }
+
   function isoTime(ms) {
     return new Date(ms).toISOString().replace(".000Z", "Z");
   }
@@ -201,12 +214,10 @@
     if (hit) return; // a drawn place or the selected one: the viewer handles it
     var ll = mercatorToLonLat(evt.coordinate[0], evt.coordinate[1]);
     var radius = PICK_RADIUS_PX * m.getView().getResolution() * Math.cos(ll[1] * Math.PI / 180);
-    var q = new URLSearchParams(filtersString(state.filters));
+    var q = new URLSearchParams(dotsQuery(st));
     q.set("lon", ll[0].toFixed(6));
     q.set("lat", ll[1].toFixed(6));
     q.set("radius_m", radius.toFixed(1));
-    var t = dotsTime(st);
-    if (t) q.set("time", t);
     fetch(apiBase() + "/explore/pick?" + q.toString())
       .then(function (r) { return r.ok ? r.json() : null; })
       .then(function (res) {
@@ -223,10 +234,15 @@
     return typeof t === "number" ? isoTime(t) : null;
   }
 
+  // The dots show the selected time step of the dataset shown: a year of the yearly grid,
+  // a month of year of the climatology, everything for an all-years dataset.
   function dotsQuery(st) {
     var q = new URLSearchParams(filtersString(state.filters));
     var t = dotsTime(st);
-    if (t) q.set("time", t);
+    if (t) {
+      q.set("time", t);
+      if (st.controlState.selectedDatasetId) q.set("dataset", st.controlState.selectedDatasetId);
+    }
     return q.toString();
   }
 
@@ -330,10 +346,9 @@
     if (!iso) return;
     var ms = Date.parse(iso);
     if (!isFinite(ms)) return;
-    var labels = timeLabels(state.store.getState());
+    var coords = timeCoordinates(state.store.getState());
     var best = ms, bestD = Infinity;
-    labels.forEach(function (l) {
-      var v = Date.parse(l);
+    coords.forEach(function (v) {
       if (isFinite(v) && Math.abs(v - ms) < bestD) { bestD = Math.abs(v - ms); best = v; }
     });
     if (state.store.getState().controlState.selectedTime !== best) {
@@ -406,7 +421,8 @@
     bar.style.cssText = "position:fixed;left:50%;bottom:34px;transform:translateX(-50%);" +
       "z-index:1100;background:rgba(255,255,255,0.96);border-radius:6px;" +
       "box-shadow:0 1px 6px rgba(0,0,0,.35);padding:6px 10px;display:flex;gap:10px;" +
-      "align-items:center;font:13px Roboto,Helvetica,Arial,sans-serif;color:#222";
+      "align-items:center;white-space:nowrap;font:13px Roboto,Helvetica,Arial,sans-serif;" +
+      "color:#222";
     bar.innerHTML =
       '<label>Species <input id="deepearth-taxa" list="deepearth-taxa-list" size="24" ' +
       'placeholder="name, genus or cluster 3" aria-label="Species search"></label>' +
@@ -532,7 +548,9 @@
     state.clickBound = m;
     m.on("singleclick", onMapClick);
     m.on("moveend", syncUrl);
-    m.getLayers().on("change:length", updateDotsLayer);
+    // the viewer re-creates its layers now and then (with the configured URL): check the
+    // dots layer's URL before every frame (a few string comparisons)
+    m.on("precompose", updateDotsLayer);
   }
 
   function onStoreChange() {
@@ -541,8 +559,9 @@
     bindMap();
     buildFilterBar();
     updateDotsLayer();
-    if (st.controlState.selectedTime !== state.lastTime) {
-      state.lastTime = st.controlState.selectedTime;
+    var stepKey = st.controlState.selectedTime + "|" + st.controlState.selectedDatasetId;
+    if (stepKey !== state.lastStep) {
+      state.lastStep = stepKey;
       updateCount();
     }
     if (!state.restored) {
