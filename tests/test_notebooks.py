@@ -22,7 +22,6 @@ def run_notebook(name: str, workdir: Path, monkeypatch, **env: str) -> dict:
     """Execute ``examples/<name>.ipynb`` in ``workdir``; the JSON its ``summary`` cell prints."""
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     book = nbformat.read(EXAMPLES / f"{name}.ipynb", as_version=4)
     NotebookClient(book, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(workdir)}}).execute()

@@ -115,10 +115,12 @@ def test_served_stac_and_place_groups(served):
     assert item["properties"]["deepearth:model"] == "linear"
     http.problem("/deepearth/stac/nothing/collection.json", 404)
     # the error maps are place groups of the grid datasets
-    groups = http.json("/places")
-    ids = {g["id"] for g in (groups.get("placeGroups", groups) if isinstance(groups, dict)
-                             else groups)}
-    assert f"predictions-{a.run_id}" in ids and f"predictions-{b.run_id}" in ids
+    datasets = [d["id"] for d in http.json("/datasets")["datasets"]]
+    t = Predictions.of(str(cubes)).table(a.run_id)
+    for run in (a, b):
+        group = http.json(f"/datasets/{datasets[0]}/places/predictions-{run.run_id}")
+        assert group["type"] == "FeatureCollection"
+        assert len(group["features"]) == t[t.role == "test"].gbif_id.nunique()
 
 
 def test_panel_text(two_runs):
