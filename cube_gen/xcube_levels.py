@@ -23,9 +23,11 @@ from typing import Any
 
 import xarray as xr
 from xcube.core.mldataset import LazyMultiLevelDataset
+from xcube.core.store import DataStore, DataStoreError, MultiLevelDatasetDescriptor
+from xcube.util.jsonschema import JsonObjectSchema, JsonStringSchema
 
-from . import schema as S
-from .access import CubeSet
+from cube_gen import schema as S
+from cube_gen.access import CubeSet
 
 
 class CheckedLevels(LazyMultiLevelDataset):
@@ -56,7 +58,10 @@ def open_levels(url: str, cube: str = S.GRID, version: str | None = None,
 
 def dataset_config(identifier: str, url: str, cube: str = S.GRID, version: str | None = None,
                    storage_options: dict[str, Any] | None = None, **extra: Any) -> dict:
-    """An xcube ``Datasets`` entry serving ``cube`` of the cube set through :func:`open_levels`."""
+    """An xcube ``Datasets`` entry serving ``cube`` of the cube set through :func:`open_levels`.
+
+    (xcube imports this file by path, outside its package: imports here are absolute.)
+    """
     params: dict[str, Any] = {"url": url, "cube": cube}
     if version is not None:
         params["version"] = version
@@ -64,3 +69,90 @@ def dataset_config(identifier: str, url: str, cube: str = S.GRID, version: str |
         params["storage_options"] = dict(storage_options)
     return {"Identifier": identifier, "FileSystem": "memory", "Path": __file__,
             "Class": "open_levels", "InputParameters": params, **extra}
+
+
+class DeepEarthDataStore(DataStore):
+    """An xcube data store (``StoreId: deepearth``) of the grid pyramids of a cube set.
+
+    Registered by the server plugin; in the config (see :func:`store_config`)::
+
+        DataStores:
+          - Identifier: deepearth
+            StoreId: deepearth
+            StoreParams: {url: s3://bucket/set, storage_options: {...}}
+            Datasets: [{Path: grid, Identifier: grid, Style: ...}]
+
+    Every level is read through the checked store of the version current when the store
+    opened (or ``version``).
+    """
+
+    def __init__(self, url: str, storage_options: dict | None = None,
+                 version: str | None = None):
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.version = version
+        self._cs: CubeSet | None = None
+
+    @property
+    def cubeset(self) -> CubeSet:
+        if self._cs is None:
+            self._cs = CubeSet.open(self.url, self.storage_options, version=self.version)
+        return self._cs
+
+    @classmethod
+    def get_data_store_params_schema(cls) -> JsonObjectSchema:
+        return JsonObjectSchema(properties={
+            "url": JsonStringSchema(), "version": JsonStringSchema(),
+            "storage_options": JsonObjectSchema(additional_properties=True)},
+            required=["url"], additional_properties=False)
+
+    @classmethod
+    def get_data_types(cls) -> tuple[str, ...]:
+        return ("mldataset",)
+
+    def get_data_types_for_data(self, data_id: str) -> tuple[str, ...]:
+        return ("mldataset",)
+
+    def get_data_ids(self, data_type=None, include_attrs=None):
+        for cube in S.GRID_CUBES:
+            if S.CUBE_PATHS[cube] in (self.cubeset.manifest.get("cubes") or {}).values():
+                yield (cube, {}) if include_attrs is not None else cube
+
+    def has_data(self, data_id: str, data_type=None) -> bool:
+        return data_id in S.GRID_CUBES
+
+    def describe_data(self, data_id: str, data_type=None):
+        ml = self.open_data(data_id)
+        return MultiLevelDatasetDescriptor(data_id, num_levels=ml.num_levels)
+
+    def get_data_opener_ids(self, data_id=None, data_type=None) -> tuple[str, ...]:
+        return ("mldataset:levels:deepearth",)
+
+    def get_open_data_params_schema(self, data_id=None, opener_id=None) -> JsonObjectSchema:
+        return JsonObjectSchema(additional_properties=True)
+
+    def open_data(self, data_id: str, opener_id=None, **open_params) -> CheckedLevels:
+        if data_id not in S.GRID_CUBES:
+            raise DataStoreError(f"no grid pyramid {data_id!r} (one of "
+                                 f"{', '.join(S.GRID_CUBES)})")
+        return CheckedLevels(self.cubeset, data_id, ds_id=data_id)
+
+    @classmethod
+    def get_search_params_schema(cls, data_type=None) -> JsonObjectSchema:
+        return JsonObjectSchema(additional_properties=False)
+
+    def search_data(self, data_type=None, **search_params):
+        return iter(())
+
+
+def store_config(url: str, datasets: list[dict], storage_options: dict | None = None,
+                 version: str | None = None) -> dict:
+    """An xcube ``DataStores`` entry serving the grid pyramids through the checked store;
+    ``datasets``: entries with ``Identifier`` (a grid cube key) plus Style, Variables, ..."""
+    params: dict[str, Any] = {"url": url}
+    if storage_options:
+        params["storage_options"] = dict(storage_options)
+    if version is not None:
+        params["version"] = version
+    return {"Identifier": "deepearth", "StoreId": "deepearth", "StoreParams": params,
+            "Datasets": [{"Path": d["Identifier"], **d} for d in datasets]}

@@ -161,8 +161,17 @@ def add_viewer_config(config: dict[str, Any], cubeset: str,
 def make_config(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
                 storage_options: dict[str, Any] | None = None,
                 cache_bytes: int | None = None, repo_root: Path = REPO_ROOT,
-                plugin: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The xcube server config for a cube set (a plain dict, ready for YAML)."""
+                plugin: dict[str, Any] | None = None,
+                checked_grids: bool | None = None) -> dict[str, Any]:
+    """The xcube server config for a cube set (a plain dict, ready for YAML).
+
+    ``checked_grids``: xcube reads the grid pyramids through the release's checked store
+    (:mod:`cube_gen.xcube_levels` data store: a lost chunk is an error naming it,
+    object-store calls time out), else by plain path (default; ``DEEPEARTH_CHECKED_GRIDS=1``
+    turns it on).
+    """
+    if checked_grids is None:
+        checked_grids = os.environ.get("DEEPEARTH_CHECKED_GRIDS", "") not in ("", "0")
     storage_options = dict(storage_options or {})
     if "://" not in cubeset:
         cubeset = str(Path(cubeset).resolve())
@@ -188,7 +197,12 @@ def make_config(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
         entry = {"Identifier": cube, "Title": title, "Style": style["Identifier"],
                  "Variables": [name for name, _ in variables]}
         entries.append((cube, entry))
-    if "dataset" in location:
+    if checked_grids:  # read through the release's checked store (cube_gen.xcube_levels)
+        from cube_gen.xcube_levels import store_config
+
+        config["DataStores"] = [store_config(cubeset, [entry for _, entry in entries],
+                                             storage_options or None)]
+    elif "dataset" in location:
         config["Datasets"] = [{**entry, **_relocate(location["dataset"], cube)}
                               for cube, entry in entries]
     else:
@@ -248,7 +262,11 @@ def serve(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
            "--address", address]
     print(f"config: {config_out}\nserving http://{address}:{port}/deepearth "
           f"(viewer: http://{address}:{port}/viewer/)", flush=True)
-    proc = subprocess.Popen(cmd)
+    if hasattr(os, "execv"):  # become xcube serve: SIGTERM/SIGINT/SIGHUP reach it directly
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(cmd[0], cmd)
+    proc = subprocess.Popen(cmd)  # pragma: no cover - platforms without exec
     try:
         return proc.wait()
     except KeyboardInterrupt:

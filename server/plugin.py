@@ -7,7 +7,7 @@ its routes imported by the package (see :mod:`server.deepearth`), then register 
 
 from __future__ import annotations
 
-from xcube.constants import EXTENSION_POINT_SERVER_APIS
+from xcube.constants import EXTENSION_POINT_DATA_STORES, EXTENSION_POINT_SERVER_APIS
 from xcube.util import extension
 
 # (extension name, "module:attribute" of the Api object, description), in registration order.
@@ -33,3 +33,8 @@ def init_plugin(ext_registry: extension.ExtensionRegistry) -> None:
         ext_registry.add_extension(loader=extension.import_component(component),
                                    point=EXTENSION_POINT_SERVER_APIS, name=name,
                                    description=description)
+    # the grid pyramids for xcube's own endpoints, read through the checked store (H2)
+    ext_registry.add_extension(
+        loader=extension.import_component("cube_gen.xcube_levels:DeepEarthDataStore"),
+        point=EXTENSION_POINT_DATA_STORES, name="deepearth",
+        description="DeepEarth cube set grid pyramids (checked reads of one release)")
