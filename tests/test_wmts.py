@@ -87,7 +87,7 @@ class Served:
 
     @property
     def variables(self) -> list[str]:
-        return list(self.config["Datasets"][0]["Variables"])
+        return list(grid_dataset(self.config)["Variables"])
 
     @property
     def custom_maps(self) -> dict[str, list]:
@@ -99,6 +99,14 @@ class Served:
         return [pd.Timestamp(t).strftime("%Y-%m-%d") for t in self.grid.time.values]
 
 
+def grid_dataset(config: dict) -> dict:
+    """The config's entry of the per-year grid (under ``Datasets`` or a data store)."""
+    entries = [*config.get("Datasets", []),
+               *(d for store in config.get("DataStores", []) for d in store["Datasets"])]
+    (entry,) = [d for d in entries if d["Identifier"] == S.GRID]
+    return entry
+
+
 def wmts_config(cubeset: str, storage_options: dict | None = None) -> dict:
     """The ``deepearth serve`` config with the per-year grid dataset only, less one layer's
     colour mapping: that layer's colours come from the variable's ``color_value_max``
@@ -107,9 +115,8 @@ def wmts_config(cubeset: str, storage_options: dict | None = None) -> dict:
     for holder in [config, *config.get("DataStores", [])]:
         if "Datasets" in holder:
             holder["Datasets"] = [d for d in holder["Datasets"] if d["Identifier"] == S.GRID]
-    (dataset,) = config["Datasets"] if "Datasets" in config else \
-        config["DataStores"][0]["Datasets"]
-    config["Styles"] = [st for st in config["Styles"] if st["Identifier"] == dataset["Style"]]
+    style_id = grid_dataset(config)["Style"]
+    config["Styles"] = [st for st in config["Styles"] if st["Identifier"] == style_id]
     del config["Styles"][0]["ColorMappings"][ATTR_STYLED]
     return config
 
@@ -214,7 +221,6 @@ def test_capabilities_time_parameter_sets_the_default(served: Served):
 def test_layer_colours_come_from_the_config_or_the_attributes(served: Served):
     from owslib.wmts import WebMapTileService
 
-    from cube_gen import schema as S
 
     configured = served.config["Styles"][0]["ColorMappings"]
     assert ATTR_STYLED not in configured
@@ -224,8 +230,9 @@ def test_layer_colours_come_from_the_config_or_the_attributes(served: Served):
         lo, hi = style["ValueRange"]
         abstract = contents[f"grid.{name}"].abstract
         assert f"colour map {style['ColorBar']}, value range [{lo:g}, {hi:g}]" in abstract
+    # the attribute fallback: the range fitted at build time, written on the variable
     assert served.styles[ATTR_STYLED]["ValueRange"][1] == \
-        S.GRID_VARS[ATTR_STYLED].attrs["color_value_max"]
+        served.grid[ATTR_STYLED].attrs["color_value_max"]
     rgb = contents["grid.rgb"].abstract
     for c in "rgb":
         assert f"embedding_{c} [0, 1]" in rgb
