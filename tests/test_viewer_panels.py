@@ -169,7 +169,10 @@ def test_observation_panel_shows_the_selected_observation(ctx, cs):
     fields = _by_id(d, "obs_fields")["text"]
     assert f"[{gid}](https://www.gbif.org/occurrence/{gid})" in fields
     assert rec["split"] in fields and f"{abs(rec['lat']):.5f}° N" in fields
-    assert fields.count("](https://inaturalist") == len(rec["image_urls"])
+    # embedded images link the cube set's synthetic photos, the others iNaturalist
+    local = fields.count("](/explore/photos/")
+    assert local == len(cs.images_of(gid))
+    assert local + fields.count("](https://inaturalist") == len(rec["image_urls"])
     # one attention map and one UMAP-RGB per embedding, from the plugin's endpoints
     urls = _image_urls(d)
     images = cs.images_of(gid)
@@ -191,8 +194,8 @@ def test_observation_panel_shows_the_selected_observation(ctx, cs):
     # similar embeddings: exactly analysis.similar_embeddings of the first photo
     rows = _by_id(d, "obs_similar")["rows"]
     want = analysis.similar_embeddings(cs, images[0], k=observation.SIMILAR_K)
-    assert [(r[4], r[5]) for r in rows] == [(w["gbif_id"], w["image_number"]) for w in want]
-    assert [r[6] for r in rows] == pytest.approx([w["score"] for w in want], abs=1e-4)
+    assert [(r[3], r[4] - 1) for r in rows] == [(w["gbif_id"], w["image_number"]) for w in want]
+    assert [r[5] for r in rows] == pytest.approx([w["score"] for w in want], abs=1e-4)
 
 
 def test_observation_panel_photo_under_the_attention_map(ctx, cs):
@@ -200,7 +203,8 @@ def test_observation_panel_photo_under_the_attention_map(ctx, cs):
     on = observation.update_body(ctx, f"obs-{gid}", None, None, None, None, True).to_dict()
     off = observation.update_body(ctx, f"obs-{gid}", None, None, None, None, False).to_dict()
     under_on = _by_id(on, "obs_attention_0")["style"]
-    assert under_on["backgroundImage"].startswith("url(https://")
+    # the synthetic cube set carries its own photos (real data: iNaturalist URLs)
+    assert under_on["backgroundImage"].startswith(f"url(/explore/photos/{gid}/0.jpg")
     assert "backgroundImage" not in _by_id(off, "obs_attention_0")["style"]
 
 

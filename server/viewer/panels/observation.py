@@ -252,14 +252,15 @@ def _similar(de, rec: dict[str, Any], filters: str | None = None) -> list[Compon
     q = filters_query(filters)
     result = C.similar_embeddings(de, D.EmbeddingId(rec["gbif_id"], first), SIMILAR_K,
                                   None if q.is_empty else q)
-    rows = [[r["rank"], r["taxon_name"], r["time"][:10], r["gbif_id"],
-             f"{float(r['score']):.3f}"] for r in result["results"]]
+    rows = [[r["rank"], r["taxon_name"], r["time"][:10], r["gbif_id"], r["image_number"] + 1,
+             round(float(r["score"]), 4)] for r in result["results"]]
     table = Table(id="obs_similar", hover=True, style={"width": "100%", "tableLayout": "fixed"},
                   columns=[
         {"id": "rank", "label": "#", "size": "small"},
         {"id": "species", "label": "Species", "size": "small"},
         {"id": "date", "label": "Date", "size": "small"},
         {"id": "gbif_id", "label": "GBIF id", "size": "small"},
+        {"id": "photo", "label": "Photo", "size": "small", "align": "right"},
         {"id": "cosine", "label": "Cosine", "size": "small", "align": "right"},
     ], rows=rows)
     narrowed = filters_text(filters)
