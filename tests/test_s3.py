@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import s3fs
 import xarray as xr
@@ -26,14 +28,18 @@ def test_reader_reads_the_source_from_s3(s3, s3_cubes, tiny_source):
 def test_recipe_writes_a_complete_cube_set_to_s3(s3, s3_cubes):
     fs = s3fs.S3FileSystem(**s3.storage_options)
     names = set(p.rsplit("/", 1)[-1] for p in fs.ls("deepearth/cubes"))
-    assert names == {"observations.zarr", "species.zarr", "vision.zarr", "grid.levels",
-                     S.MANIFEST}
+    assert names == {"versions", S.MANIFEST}  # no aliases on object stores
     assert not fs.exists("deepearth/cubes/.staging")
-    # consolidated metadata present in every cube
+    current = json.loads(fs.cat_file(f"deepearth/cubes/{S.MANIFEST}"))["current"]
+    cubes = set(p.rsplit("/", 1)[-1] for p in fs.ls(f"deepearth/cubes/versions/{current}"))
+    assert {"observations.zarr", "species.zarr", "vision.zarr", "grid.levels",
+            "release.json"} <= cubes
+    # consolidated metadata present in every cube; plain zarr readers open a version by URL
     for cube in (S.OBSERVATIONS, S.SPECIES, S.VISION):
-        ds = xr.open_zarr(f"{s3_cubes}/{S.CUBE_PATHS[cube]}", consolidated=True,
-                          storage_options=s3.storage_options)
+        ds = xr.open_zarr(f"{s3_cubes}/versions/{current}/{S.CUBE_PATHS[cube]}",
+                          consolidated=True, storage_options=s3.storage_options)
         assert ds.attrs["deepearth_cube"] == cube
+    assert CubeSet.open(s3_cubes, s3.storage_options).version == current
 
 
 def test_s3_cubes_equal_the_local_build(s3, s3_cubes, tiny_cubes):

@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import copy_cubes, current_dir
 from torch.utils.data import DataLoader
 
 from cube_gen.access import CubeSet
+from cube_gen.errors import ChunkMissing
 from cube_gen.reader import SourceDataset
 from cube_gen.torch_data import (
     CubeDataset,
@@ -252,18 +254,21 @@ def test_from_s3(s3, tiny_cubes):
     s3.create_bucket("deepearth-ml")
     images = [0, 3]
     chunks = {f"vision.zarr/features/c/{i}/0/0/0/0" for i in images}
-    for path in sorted(tiny_cubes.rglob("*")):  # what the dataset reads (moto is slow)
-        rel = path.relative_to(tiny_cubes).as_posix()
-        if path.is_file() and rel.split("/")[0] in ("cubeset.json", "species.zarr",
-                                                     "vision.zarr") and (
+    vdir = current_dir(tiny_cubes)
+    fs.pipe_file("deepearth-ml/cubes/cubeset.json", (tiny_cubes / "cubeset.json").read_bytes())
+    for path in sorted(vdir.rglob("*")):  # what the dataset reads (moto is slow)
+        rel = path.relative_to(vdir).as_posix()
+        if path.is_file() and rel.split("/")[0] in ("release.json", "species.zarr",
+                                                     "observations.zarr", "vision.zarr") and (
                 "/c/" not in rel or "/features/" not in rel and "/attention/" not in rel
                 or rel in chunks):
-            fs.pipe_file(f"deepearth-ml/cubes/{rel}", path.read_bytes())
+            fs.pipe_file(f"deepearth-ml/cubes/versions/{vdir.name}/{rel}", path.read_bytes())
     url = "s3://deepearth-ml/cubes"
     local = CubeDataset(str(tiny_cubes), features="frame", frame=2, images=images)
     remote = CubeDataset(url, storage_options=s3.storage_options, features="frame", frame=2,
                          images=images)
-    assert remote.cubes._raw_layout() is None
+    assert remote.cubes.raw_layout() is None
+    assert remote.version == local.version == vdir.name  # the version read is recorded
     np.testing.assert_array_equal(remote.positions, images)
     batches = list(DataLoader(remote, batch_size=1, num_workers=2, timeout=120))
     got = torch.cat([b["features"] for b in batches])
@@ -271,3 +276,21 @@ def test_from_s3(s3, tiny_cubes):
     assert torch.equal(got, want)
     assert torch.equal(torch.cat([b["gbif_id"] for b in batches]),
                        torch.stack([local[i]["gbif_id"] for i in range(len(local))]))
+
+
+def test_a_missing_chunk_is_an_error_in_the_datasets(tiny_cubes, tmp_path):
+    cubes = copy_cubes(tiny_cubes, tmp_path / "cubes")
+    ds = CubeDataset(str(cubes), features="full", dtype="float16")
+    want = ds[2]["features"].clone()
+    chunk = Path(ds.cubes.raw_chunk_path(int(ds.positions[2])))
+    blob = chunk.read_bytes()
+    chunk.unlink()
+    with pytest.raises(ChunkMissing, match=r"chunk vision.zarr/features/c/\d+/0/0/0/0 is missing"):
+        ds[2]
+    with pytest.raises(ChunkMissing):
+        next(iter(make_loader(ds, batch_size=4, threads=2)))
+    it = CubeIterableDataset(str(cubes), features="frame", frame=1)
+    with pytest.raises(ChunkMissing):
+        list(it)
+    chunk.write_bytes(blob)  # restored: read again
+    assert torch.equal(ds[2]["features"], want)
