@@ -406,9 +406,17 @@ def test_dot_click_shows_the_observation(loop):
     name = loop["species"].taxon_name.iat[int(target.species_index)]
     page.get_by_text(name, exact=True).first.wait_for(timeout=WAIT_MS)
     # its synthetic photo, served by the server, under the attention map
-    page.wait_for_function("() => [...document.querySelectorAll('img')].some(i => "
-                           "i.src.includes('/explore/photos/') && i.complete && i.naturalWidth > 0)",
-                           timeout=WAIT_MS)
+    page.wait_for_function("() => [...document.querySelectorAll('[style]')].some(e => "
+                           "e.style.backgroundImage.includes('/explore/photos/'))", timeout=WAIT_MS)
+    photo = page.evaluate("() => [...document.querySelectorAll('[style]')].map(e => "
+                          "e.style.backgroundImage).find(b => b.includes('/explore/photos/'))")
+    import re
+
+    import requests
+
+    path = re.search(r'url\("?([^")]+)', photo).group(1)
+    r = requests.get(loop["url"] + path, timeout=60)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "image/jpeg"
     assert f"obs={int(target.gbif_id)}" in page.url
     shot(page, "01-dot-click-observation")
     loop["first"] = int(target.gbif_id)
