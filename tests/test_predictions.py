@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -118,7 +120,12 @@ def test_served_stac_and_place_groups(served):
     datasets = [d["id"] for d in http.json("/datasets")["datasets"]]
     t = Predictions.of(str(cubes)).table(a.run_id)
     for run in (a, b):
-        group = http.json(f"/datasets/{datasets[0]}/places/predictions-{run.run_id}")
+        path = f"/datasets/{datasets[0]}/places/predictions-{run.run_id}"
+        for _ in range(240):  # added in the background once the places API is up
+            if http.get(path).status_code == 200:
+                break
+            time.sleep(0.5)
+        group = http.json(path)
         assert group["type"] == "FeatureCollection"
         assert len(group["features"]) == t[t.role == "test"].gbif_id.nunique()
 

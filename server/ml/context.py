@@ -4,6 +4,7 @@ and the error-map place groups of the runs (added to xcube's places when the ser
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from xcube.constants import LOG
@@ -29,12 +30,26 @@ class MlContext(ApiContext):
         self.place_groups: list[dict[str, Any]] = []
 
     def on_update(self, prev_context: Context | None):
+        # This API starts before the places and DeepEarth APIs (it declares no required
+        # APIs, see server/plugin.py): add the error maps once both are there.
+        threading.Thread(target=self._add_error_maps, daemon=True,
+                         name="deepearth-ml-error-maps").start()
+
+    def _add_error_maps(self, timeout: float = 300.0) -> None:
         from ..viewer.context import dataset_ids
         from . import controllers as C
 
-        places = self.get_api_ctx("places")
+        deadline = time.monotonic() + timeout
+        while True:
+            places = self.get_api_ctx("places")
+            deepearth = self.get_api_ctx("deepearth")
+            if places is not None and deepearth is not None:
+                break
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.5)
         ids = dataset_ids(self.config)
-        if places is None or not ids:
+        if not ids:
             return
         try:
             runs = self.predictions.runs()[-MAX_ERROR_MAPS:]
@@ -44,6 +59,7 @@ class MlContext(ApiContext):
             return
         for group in self.place_groups:
             places.add_place_group(group, qualifiers=ids)
+        LOG.info(f"DeepEarth ML: {len(self.place_groups)} error-map place groups")
 
     def on_dispose(self):
         if self._own is not None:
