@@ -530,13 +530,15 @@ def test_polygon_statistics_count_the_observations_inside(loop):
     expected = int(inside.sum())
     assert expected > 0
     open_panel(page, "Region statistics")
-    summary = page.locator("#reg_summary")
-    summary.get_by_text("inside the drawn polygon", exact=False).wait_for(timeout=WAIT_MS)
-    page.wait_for_function(f"() => document.getElementById('reg_summary').innerText"
-                           f".includes('{expected:,} (')", timeout=WAIT_MS)
-    text = summary.inner_text()
-    assert "± " not in text.split("Time")[0]  # not labelled as a neighbourhood
-    href = summary.get_by_role("link", name="/deepearth/stats/region").get_attribute("href")
+    page.get_by_text("inside the drawn polygon", exact=False).first.wait_for(timeout=WAIT_MS)
+    table = page.locator("table").filter(has_text="Species richness").first
+    table.wait_for(timeout=WAIT_MS)
+    page.wait_for_function(f"() => [...document.querySelectorAll('table')].some(t => "
+                           f"t.innerText.includes('Species richness') && "
+                           f"t.innerText.includes('{expected:,} ('))", timeout=WAIT_MS)
+    region_line = page.get_by_text("inside the drawn polygon", exact=False).first.inner_text()
+    assert "± " not in region_line  # not labelled as a neighbourhood
+    href = page.get_by_role("link", name="/deepearth/stats/region").first.get_attribute("href")
     assert "polygon=" in href
     import requests
 
