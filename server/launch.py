@@ -104,6 +104,18 @@ def _relocate(dataset: dict[str, Any], cube: str) -> dict[str, Any]:
     return {**dataset, "Path": path[: -len(grid)] + S.CUBE_PATHS[cube]}
 
 
+def _version_root(cubeset: str, storage_options: dict[str, Any]) -> str:
+    """Where xcube reads the grid pyramids: the cube set itself on local disk (its fixed
+    aliases follow the ``current`` link), the current version's prefix on object storage
+    (which has no aliases: ``s3://bucket/set/versions/<id>``)."""
+    if "://" not in cubeset or cubeset.startswith("file://"):
+        return cubeset
+    from cube_gen.access import CubeSet
+
+    grid_url = CubeSet.open(cubeset, storage_options or None).cube_url(S.GRID)
+    return grid_url[: -len(S.CUBE_PATHS[S.GRID])].rstrip("/")
+
+
 def _dataset_location(cubeset: str, storage_options: dict[str, Any]) -> dict[str, Any]:
     """How xcube finds grid.levels: local path, or S3 path with xcube's own S3 keys.
 
@@ -176,7 +188,7 @@ def make_config(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
     if "://" not in cubeset:
         cubeset = str(Path(cubeset).resolve())
     grids = _grid_datasets(cubeset, storage_options or None)
-    location = _dataset_location(cubeset, storage_options)
+    location = _dataset_location(_version_root(cubeset, storage_options), storage_options)
     section: dict[str, Any] = {"CubeSet": cubeset,
                                "CacheBytes": int(cache_bytes or DEFAULTS["CacheBytes"])}
     if storage_options:

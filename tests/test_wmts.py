@@ -37,7 +37,7 @@ from server.launch import free_port, make_config, running, write_config
 TIMEOUT = 60
 PREFIX = "/deepearth/wmts"
 TMS_IDS = ("WorldCRS84Quad", "WorldWebMercatorQuad")
-ATTR_STYLED = "species_richness"  # served without a Styles entry (attribute fallback)
+ATTR_STYLED = "sampling_effort"  # served without a Styles entry (attribute fallback)
 OWS = "{http://www.opengis.net/ows/1.1}"
 WMTS = "{http://www.opengis.net/wmts/1.0}"
 # A tile at the finest level of each tile matrix set that holds grid cells of tiny_cubes.
