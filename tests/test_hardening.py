@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from conftest import copy_cubes
 from load_client import build_plan, find_server_process, rss_bytes, run_load
 
 from cube_gen.access import CubeSet
@@ -67,7 +68,7 @@ def served(tiny_cubes: Path, reference: CubeSet,
            tmp_path_factory: pytest.TempPathFactory) -> Served:
     work = tmp_path_factory.mktemp("hardening")
     cubes = work / "cubes"
-    shutil.copytree(tiny_cubes, cubes)
+    copy_cubes(tiny_cubes, cubes)  # links kept: damage reaches the served version
     port = free_port()
     config = make_config(str(cubes), port=port, cache_bytes=CACHE_BYTES,
                          plugin={"MaxWorkers": MAX_WORKERS, "RequestTimeout": 20})
