@@ -430,3 +430,18 @@ class Filters(Group):
             param = {"months": "months", "hours": "hours", "years": "year"}.get(
                 str(exc).split(" ", 1)[0], "polygon")
             raise ParamError(str(exc), param, None, raw(query, param)) from None
+
+
+@dataclass(frozen=True)
+class PathSegment(Group):
+    """A path segment passed as it is (``documented_name``: its OpenAPI name)."""
+
+    name: str
+    description: str
+    documented_name: str | None = None
+
+    def openapi(self) -> list[dict]:
+        return [path_param(self.documented_name or self.name, self.description)]
+
+    def read(self, inputs: Inputs) -> str:
+        return inputs.path.get(self.name, "")

@@ -18,18 +18,6 @@ PREDICTIONS_PREFIX = "/deepearth/predictions"
 
 
 @dataclass(frozen=True)
-class PathText(P.Group):
-    name: str
-    description: str
-
-    def openapi(self) -> list[dict]:
-        return [P.path_param(self.name, self.description)]
-
-    def read(self, inputs: P.Inputs) -> str:
-        return inputs.path.get(self.name, "") or ""
-
-
-@dataclass(frozen=True)
 class QueryText(P.Group):
     name: str
     description: str
@@ -70,7 +58,7 @@ class MlHandler(Handler):
         return self.ctx.settings
 
 
-_RUN = PathText("run_id", "a run id, or 'latest'")
+_RUN = P.PathSegment("run_id", "a run id, or 'latest'")
 _ROLE = P.Choice("role", "side of the split", list(C.ROLES), "test")
 
 
@@ -121,7 +109,7 @@ async def stac_catalog(h: MlHandler):
 
 @route(STAC_PREFIX + "/{*path}", "getDeepEarthStacObject",
        "A STAC collection (<id>/collection.json) or run item (predictions/<run>/<run>.json)",
-       params={"path": PathText("path", "path of the object below /deepearth/stac")})
+       params={"path": P.PathSegment("path", "path of the object below /deepearth/stac", "*path")})
 async def stac_object(h: MlHandler, path: str):
     base = h.request.url_for_path(STAC_PREFIX.lstrip("/"), reverse=True)
     await h.reply_json(await h.run(C.stac_object, h.ctx, base, path))

@@ -59,21 +59,6 @@ class Kvp(P.Group):
         return out
 
 
-@dataclass(frozen=True)
-class PathSegment(P.Group):
-    """A path segment passed as it is (``documented_name``: its OpenAPI name)."""
-
-    name: str
-    description: str
-    documented_name: str | None = None
-
-    def openapi(self) -> list[dict]:
-        return [P.path_param(self.documented_name or self.name, self.description)]
-
-    def read(self, inputs: P.Inputs) -> str:
-        return inputs.path.get(self.name, "")
-
-
 class WmtsHandler(Handler):
     """Writes OWS exception reports for every error; never a traceback."""
 
@@ -177,7 +162,7 @@ async def kvp(h: WmtsHandler, q: dict[str, str]):
 
 @route("/legend/{layer}.png", "getDeepEarthWmtsLegend",
        "Colour bar of a WMTS layer (its LegendURL)",
-       params={"layer": PathSegment("layer", "layer identifier, e.g. grid.observation_count")})
+       params={"layer": P.PathSegment("layer", "layer identifier, e.g. grid.observation_count")})
 async def legend(h: WmtsHandler, layer: str):
     h.send_png(await h.run(C.legend, h.ctx, layer, pool="tiles"))
 
@@ -192,7 +177,7 @@ _REST_NAMES = {"layer": "layer", "style": "style", "tms": "TileMatrixSet",
 @route(f"/{WMTS_VERSION}/{{*path}}", "getDeepEarthWmtsTile",
        "WMTS tile (RESTful): {layer}/{style}/{Time}/{TileMatrixSet}/{TileMatrix}/{TileRow}/"
        "{TileCol}.png; Time 'default' is the advertised default (latest)",
-       params={"path": PathSegment("path", "{layer}/{style}/{Time}/{TileMatrixSet}/"
+       params={"path": P.PathSegment("path", "{layer}/{style}/{Time}/{TileMatrixSet}/"
                                    "{TileMatrix}/{TileRow}/{TileCol}.png", "*path")})
 async def rest_tile(h: WmtsHandler, path: str):
     parts = [p for p in path.split("/") if p]
