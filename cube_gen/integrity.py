@@ -99,8 +99,8 @@ class CheckedStore(WrapperStore):
         except Exception as exc:
             if is_unavailable(exc):
                 raise StorageUnavailable(
-                    f"storage of {self.cube} is unavailable reading {self.prefix + key}: "
-                    f"{type(exc).__name__}: {exc}") from exc
+                    f"the cube set's storage is unavailable ({self.cube}, reading "
+                    f"{self.prefix + key}: {type(exc).__name__})") from exc
             raise
         if self.inventory is None:
             return buf

@@ -59,8 +59,8 @@ class Target:
             if is_unavailable(exc):
                 from .errors import StorageUnavailable
 
-                raise StorageUnavailable(f"storage of {self.url} is unavailable reading "
-                                         f"{path}: {type(exc).__name__}: {exc}") from exc
+                raise StorageUnavailable(f"the cube set's storage is unavailable (reading "
+                                         f"{path}: {type(exc).__name__})") from exc
             raise
 
     def write_json(self, path: str, data: dict) -> None:
