@@ -15,6 +15,15 @@ Example::
       MaxBatchFeatures: 16               # full tensors per batch request
       MaxImageSize: 1024                 # pixels per side of rendered PNGs
       MaxQueued: 256                     # waiting computations per pool before 503 (busy)
+      VersionCheckSeconds: 10            # how often a request looks for a new current
+                                         # version (0: serve the version opened at start)
+
+A new version published while the server runs (``deepearth gen`` over the same target) is
+served within ``VersionCheckSeconds``: between requests, the first request after the interval
+reads the root manifest's ``current`` (one small read) and, when it changed, opens the new
+version and swaps it in; every request reads one version from start to end, and the results
+cache is keyed by version. xcube's own grid endpoints (tiles, WMTS, time series) keep the
+version that was current when the server started (restart to follow it).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ DEFAULTS = {
     "MaxBatchFeatures": 16,
     "MaxImageSize": 1024,
     "MaxQueued": 256,
+    "VersionCheckSeconds": 10.0,
 }
 
 DEEPEARTH_SCHEMA = JsonObjectSchema(
@@ -68,6 +78,9 @@ DEEPEARTH_SCHEMA = JsonObjectSchema(
                                        description="largest PNG side in pixels"),
         MaxQueued=JsonIntegerSchema(minimum=1, description="computations waiting per worker "
                                     "pool before requests answer 503 (busy)"),
+        VersionCheckSeconds=JsonNumberSchema(
+            minimum=0, description="seconds between checks for a new current version of the "
+                                   "cube set (0: never; the version opened at start is served)"),
     ),
     required=["CubeSet"],
     additional_properties=False,

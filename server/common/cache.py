@@ -153,6 +153,34 @@ class ByteLRU:
             }
 
 
+class KeyedView:
+    """A :class:`ByteLRU` seen through a key prefix (the cube set version): values stored
+    under another prefix are never answered. Statistics and ``clear`` are the cache's."""
+
+    def __init__(self, cache: ByteLRU, prefix: Hashable):
+        self.cache = cache
+        self.prefix = prefix
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        return self.cache.get((self.prefix, key), default)
+
+    def put(self, key: Hashable, value: Any, nbytes: int | None = None) -> bool:
+        return self.cache.put((self.prefix, key), value, nbytes)
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], Any],
+                       nbytes: Callable[[Any], int] | None = None) -> Any:
+        return self.cache.get_or_compute((self.prefix, key), compute, nbytes)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return (self.prefix, key) in self.cache
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getattr__(self, name: str) -> Any:  # stats(), clear(), capacity, bytes, ...
+        return getattr(self.cache, name)
+
+
 class ByteBudget:
     """Bytes of large responses in flight at once (built and not yet written to the socket).
 

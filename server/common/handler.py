@@ -32,6 +32,7 @@ from xcube.server.api import Api, ApiHandler
 from . import params as P
 from .errors import ApiProblem, MethodNotAllowed, Unavailable, UriTooLong, problem_of
 from .resources import Resources
+from .scope import request_scope
 
 # Longest query string (names and values) an endpoint reads: 1000 species names fit.
 # Tornado itself closes the connection on request heads over its ``max_header_size``
@@ -296,16 +297,17 @@ def endpoint(api: Api, path: str, operation_id: str, summary: str, *,
     def decorator(fn: RouteFunction) -> RouteFunction:
         async def handle(self: Handler, *args: str, **path: str):
             self.count("requests")
-            try:
-                if self.limit_query_size:
-                    check_query_size(self.request)
-                if self.strict_query:
-                    P.check_known(self.request.query, allowed)
-                inputs = self.inputs(path)
-                values = {name: g.read(inputs) for name, g in groups.items()}
-                await fn(self, **values)
-            except Exception as exc:  # noqa: BLE001 - every error in the envelope
-                self.fail(exc)
+            with request_scope():  # one cube set version per request (see .scope)
+                try:
+                    if self.limit_query_size:
+                        check_query_size(self.request)
+                    if self.strict_query:
+                        P.check_known(self.request.query, allowed)
+                    inputs = self.inputs(path)
+                    values = {name: g.read(inputs) for name, g in groups.items()}
+                    await fn(self, **values)
+                except Exception as exc:  # noqa: BLE001 - every error in the envelope
+                    self.fail(exc)
 
         handle.__name__ = method
         handle.__doc__ = description or fn.__doc__

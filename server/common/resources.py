@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -69,7 +70,9 @@ class Workers:
             raise Unavailable(f"the server is busy ({waiting} {kind}computations waiting); "
                               "retry later", None)
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+        # with the caller's context: the request scope (server.common.scope) follows the work
+        fut = loop.run_in_executor(executor, contextvars.copy_context().run,
+                                   functools.partial(fn, *args, **kwargs))
         try:
             return await asyncio.wait_for(fut, self.timeout)
         except TimeoutError:

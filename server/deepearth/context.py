@@ -4,6 +4,11 @@ It owns the server's shared :class:`~server.common.resources.Resources` (worker 
 response budget, caches), which the other APIs of the plugin use too. Controllers
 (:mod:`.controllers`) are functions over this context: ``ctx.cubeset``, ``ctx.cache``,
 ``ctx.settings``.
+
+New versions (:mod:`cube_gen.release`) are followed between requests: the first request
+after ``VersionCheckSeconds`` reads the root manifest's ``current`` and, when it changed,
+opens that version and swaps it in (one reference); every request keeps the version it
+started with (:mod:`server.common.scope`), and ``ctx.cache`` is keyed by that version.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from xcube.server.config import resolve_config_path
 from cube_gen import schema as S
 from cube_gen.access import CubeSet
 from cube_gen.errors import CubeError, NotFoundError
+from cube_gen.release import read_root
 
-from ..common.cache import ByteLRU
+from ..common.cache import KeyedView
 from ..common.errors import ApiProblem, Unavailable
 from ..common.resources import Resources
+from ..common.scope import pinned
 from ..config import DEFAULTS, SECTION, plain
 
 T = TypeVar("T")
@@ -74,6 +81,8 @@ class DeepEarthContext(ApiContext):
         self._check_lock = threading.Lock()
         self._storage_problem: str | None = None
         self._storage_ok_until = 0.0
+        self._version_lock = threading.Lock()
+        self._next_version_check = 0.0
         self.started = time.time()
         self.counters = {"requests": 0, "errors": 0}
 
@@ -120,7 +129,15 @@ class DeepEarthContext(ApiContext):
 
     @property
     def cubeset(self) -> CubeSet:
-        """The cube set, opening it if needed (raises Unavailable)."""
+        """The cube set version of this request (raises Unavailable).
+
+        The first use in a request opens the cube set if needed and follows a new current
+        version (:meth:`follow_version`); later uses in the same request, on any thread,
+        get the same version.
+        """
+        return pinned("deepearth.cubeset", self._current)
+
+    def _current(self) -> CubeSet:
         if not self.configured:
             raise Unavailable(f"the server config has no {SECTION!r} section naming a cube set",
                               SECTION)
@@ -129,15 +146,50 @@ class DeepEarthContext(ApiContext):
         if self._cubeset is None:
             raise Unavailable(f"the cube set {self.cubeset_url} cannot be opened: "
                               f"{self._open_error}")
+        self.follow_version()
         return self._cubeset
 
+    def follow_version(self) -> str | None:
+        """Swap in the root manifest's current version when it changed; returns the new
+        version id, or None. Reads the root manifest at most every ``VersionCheckSeconds``
+        (0: never); while one thread checks, the others go on with the version they have.
+        A failure keeps the version served (logged; the storage guard reports outages).
+        """
+        interval = float(self.settings["VersionCheckSeconds"])
+        old = self._cubeset
+        if old is None or interval <= 0 or time.monotonic() < self._next_version_check:
+            return None
+        if not self._version_lock.acquire(blocking=False):
+            return None
+        try:
+            self._next_version_check = time.monotonic() + interval
+            root = read_root(old.target) or {}
+            current = root.get("current")
+            if current is None or current == old.version:
+                return None
+            new = CubeSet.open(self.cubeset_url, self.storage_options or None,
+                               version=str(current))
+            self._cubeset = new  # requests that started before keep the old one
+            if self.resources is not None:
+                self.resources.cache.clear()  # entries of the old version (keyed by it)
+            LOG.info(f"DeepEarth: serving version {new.version} of {self.cubeset_url} "
+                     f"(was {old.version})")
+            return new.version
+        except Exception as exc:  # noqa: BLE001 - keep serving the version we have
+            LOG.warning(f"DeepEarth: checking {self.cubeset_url} for a new version failed: "
+                        f"{type(exc).__name__}: {exc}")
+            return None
+        finally:
+            self._version_lock.release()
+
     @property
-    def cache(self) -> ByteLRU:
-        """The results cache (tensors, PNGs, projections) of the shared resources."""
+    def cache(self) -> KeyedView:
+        """The results cache (tensors, PNGs, projections) of the shared resources, keyed by
+        the version of this request's cube set."""
         if self.resources is None:
             raise Unavailable(f"the server config has no {SECTION!r} section naming a cube set",
                               SECTION)
-        return self.resources.cache
+        return KeyedView(self.resources.cache, self.cubeset.version)
 
     # -- running work --------------------------------------------------------------------
     async def run(self, fn: Callable[..., T], *args: Any, pool: str = "default",

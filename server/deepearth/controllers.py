@@ -342,7 +342,7 @@ def region_stats(ctx, q: Query) -> dict[str, Any]:
 
 # -- health --------------------------------------------------------------------------------
 def cubeset_health(ctx) -> dict[str, Any]:
-    """Whether the manifest can be read now, and how long that took."""
+    """Whether the manifest can be read now, how long that took, and the version served."""
     cs = ctx.cubeset
     t0 = time.perf_counter()
     try:
@@ -355,5 +355,6 @@ def cubeset_health(ctx) -> dict[str, Any]:
         "reachable": manifest is not None,
         "error": error,
         "latency_ms": round(latency * 1000, 3),
+        "version": cs.version,
         "manifest": manifest,
     }
