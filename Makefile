@@ -32,7 +32,7 @@ install:
 	bash scripts/install.sh
 
 test: install
-	$(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q --durations=25 tests $(PYTEST_ARGS)
 
 # Each step is skipped when its output exists (synth and gen publish folders atomically).
 demo: install

@@ -98,7 +98,7 @@ class Ours:
 
     def __init__(self, url: str):
         self.cs = CubeSet.open(url)
-        self.dtype = np.dtype(self.cs._features_array().dtype)
+        self.dtype = np.dtype(self.cs.features_array().dtype)
 
     def get(self, key):
         return self.cs.features(self.cs.image_position(*key))
@@ -110,11 +110,11 @@ class Ours:
         return self.cs.features_batch(pos, out=out)
 
     def data_files(self):
-        n = self.cs._features_array().shape[0]
-        return sorted({self.cs._raw_chunk_path(i) for i in range(n)} - {None})
+        n = self.cs.features_array().shape[0]
+        return sorted({self.cs.raw_chunk_path(i) for i in range(n)} - {None})
 
     def unmap(self):
-        layout = self.cs._raw_layout()
+        layout = self.cs.raw_layout()
         if layout is not None:
             layout.maps.clear()
 

@@ -446,12 +446,6 @@ class CubeSet:
                                 + (f" (item {k} of the batch)" if images.ndim and len(images) > 1
                                    else ""), parameter="image", value=int(images[k]))
 
-    # older private names, kept for callers written before the public ones
-    _features_array = features_array
-    _raw_layout = raw_layout
-    _raw_chunk_path = raw_chunk_path
-    _check_images = check_images
-
     def _out_for(self, lead: tuple[int, ...], frame: int | None, dtype, out: np.ndarray | None,
                  arr: zarr.Array) -> np.ndarray:
         if frame is not None and not 0 <= int(frame) < arr.shape[1]:
@@ -476,7 +470,7 @@ class CubeSet:
         Uncompressed local cubes are read straight from the chunk (or shard) file into the
         result; anything else (compressed, remote) goes through zarr.
         """
-        arr = self._features_array()
+        arr = self.features_array()
         n = arr.shape[0]
         try:
             image = operator.index(image)
@@ -485,7 +479,7 @@ class CubeSet:
         if not 0 <= image < n:
             raise NotFoundError(f"image position {image} is out of range [0, {n})")
         result = self._out_for((), frame, dtype, out, arr)
-        layout = self._raw_layout()
+        layout = self.raw_layout()
         if layout is not None and layout.read([image], [result], frame):
             return result
         data = arr[image] if frame is None else arr[image, int(frame)]
@@ -504,14 +498,14 @@ class CubeSet:
         through zarr (compressed or remote cubes), contiguous runs are read with one
         selection each, runs in parallel on ``max_workers`` threads.
         """
-        arr = self._features_array()
+        arr = self.features_array()
         images = np.asarray(images, dtype=np.int64).reshape(-1)
-        self._check_images(images, arr.shape[0])
+        self.check_images(images, arr.shape[0])
         result = self._out_for((len(images),), frame, dtype, out, arr)
         if len(images) == 0:
             return result
         uniq, first, inverse = np.unique(images, return_index=True, return_inverse=True)
-        layout = self._raw_layout()
+        layout = self.raw_layout()
         todo = uniq
         if layout is not None:
             workers = max_workers or min(LOCAL_THREADS, os.cpu_count() or 1)
@@ -537,7 +531,7 @@ class CubeSet:
         if images is None:
             return allp
         images = np.asarray(images, dtype=np.int64)
-        self._check_images(images.reshape(-1), len(allp))
+        self.check_images(images.reshape(-1), len(allp))
         return allp[images]
 
     def attention(self, image: int, method: str = "l2norm", frame: str | int = "mean") -> np.ndarray:

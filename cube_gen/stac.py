@@ -216,7 +216,7 @@ def build_catalog(cubes: Any, storage_options: dict[str, Any] | None = None) -> 
         }
         if cube == S.VISION:
             arr = cs.zarr_array(S.VISION, "features") if hasattr(cs, "zarr_array") \
-                else cs._features_array()
+                else cs.features_array()
             extra["deepearth:quantisation"] = {
                 "features": {"dtype": str(arr.dtype), "source_dtype": "float32 (published "
                              "parquet lists)", "native_precision": "float16 (the extractor's "

@@ -179,11 +179,11 @@ def make_config(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
 
     ``checked_grids``: xcube reads the grid pyramids through the release's checked store
     (:mod:`cube_gen.xcube_levels` data store: a lost chunk is an error naming it,
-    object-store calls time out), else by plain path (default; ``DEEPEARTH_CHECKED_GRIDS=1``
-    turns it on).
+    object-store calls time out; the default), else by plain path (``DEEPEARTH_CHECKED_GRIDS=0``:
+    a lost chunk is then drawn as an empty tile).
     """
     if checked_grids is None:
-        checked_grids = os.environ.get("DEEPEARTH_CHECKED_GRIDS", "") not in ("", "0")
+        checked_grids = os.environ.get("DEEPEARTH_CHECKED_GRIDS", "1") not in ("", "0")
     storage_options = dict(storage_options or {})
     if "://" not in cubeset:
         cubeset = str(Path(cubeset).resolve())

@@ -29,8 +29,10 @@ def s3_server(s3, s3_cubes: str, tmp_path_factory: pytest.TempPathFactory):
 def test_s3_config_uses_a_data_store(s3_server, s3):
     _, cfg = s3_server
     assert "Datasets" not in cfg
+    # the plugin's checked store: xcube reads the grid of the current version through it
     (store,) = cfg["DataStores"]
-    assert store["StoreId"] == "s3" and store["StoreParams"]["root"] == "deepearth/cubes"
+    assert store["StoreId"] == "deepearth"
+    assert store["StoreParams"]["url"] == "s3://deepearth/cubes"
     assert store["StoreParams"]["storage_options"] == s3.storage_options
     assert cfg["DeepEarth"]["CubeSet"] == "s3://deepearth/cubes"
 

@@ -159,21 +159,25 @@ def test_make_config(tiny_cubes, tmp_path):
     # without a viewer/ folder: the plugin's own styles (value ranges from color_value_max)
     cfg = make_config(str(tiny_cubes), port=9999, address="0.0.0.0", repo_root=tmp_path)
     assert cfg["port"] == 9999 and cfg["address"] == "0.0.0.0"
+    # xcube reads the grid pyramids through the plugin's checked data store (a lost chunk is
+    # an error naming it, cube_gen.xcube_levels) ...
+    assert "Datasets" not in cfg
+    (store,) = cfg["DataStores"]
+    assert store["StoreId"] == "deepearth"
+    assert store["StoreParams"]["url"] == str(Path(tiny_cubes).resolve())
     # one dataset per grid pyramid, all years first (the viewer opens on it)
-    ids = [d["Identifier"] for d in cfg["Datasets"]]
-    assert ids == [S.GRID_ALL_YEARS, S.GRID, S.GRID_MONTH_OF_YEAR, S.GRID_SPECIES]
-    ds = cfg["Datasets"][1]
-    # read through the release's checked store (cube_gen.xcube_levels) ...
-    assert ds["FileSystem"] == "memory" and ds["Class"] == "open_levels"
-    assert ds["InputParameters"]["url"] == str(Path(tiny_cubes).resolve())
-    assert ds["InputParameters"]["cube"] == S.GRID and ds["Style"] == "deepearth-grid"
+    datasets = store["Datasets"]
+    assert [d["Identifier"] for d in datasets] == \
+        [S.GRID_ALL_YEARS, S.GRID, S.GRID_MONTH_OF_YEAR, S.GRID_SPECIES]
+    ds = datasets[1]
+    assert ds["Path"] == S.GRID and ds["Style"] == "deepearth-grid"
     # ... or by plain path
     plain = make_config(str(tiny_cubes), repo_root=tmp_path, checked_grids=False)
     assert plain["Datasets"][1]["FileSystem"] == "file"
     assert Path(plain["Datasets"][1]["Path"]).name == "grid.levels"
     assert {"observation_count", "species_richness", "embedding_r"} <= set(ds["Variables"])
     assert any(v.startswith(S.TOP_SPECIES_PREFIX) for v in ds["Variables"])
-    assert cfg["Datasets"][0]["Variables"][0] == "species_richness"
+    assert datasets[0]["Variables"][0] == "species_richness"
     style = cfg["Styles"][1]
     m = style["ColorMappings"]
     customs = {c["Identifier"]: c for c in cfg["CustomColorMaps"]}
@@ -190,7 +194,7 @@ def test_make_config(tiny_cubes, tmp_path):
     # with the repository's viewer/ folder: the viewer hook
     cfg = make_config(str(tiny_cubes))
     assert cfg["Viewer"]["Configuration"]["Path"].endswith("viewer")
-    assert cfg["Datasets"][1]["Identifier"] == "grid" and "DeepEarth" in cfg
+    assert cfg["DataStores"][0]["Datasets"][1]["Identifier"] == "grid" and "DeepEarth" in cfg
 
 
 def test_dataset_location_for_s3():
@@ -213,7 +217,7 @@ def test_serve_dry_run_prints_config(tiny_cubes, tmp_path, capsys):
     cfg = yaml.safe_load(printed)
     assert cfg == yaml.safe_load(out.read_text())
     assert cfg["port"] == 8123 and "DeepEarth" in cfg
-    assert "grid" in [d["Identifier"] for d in cfg["Datasets"]]
+    assert "grid" in [d["Identifier"] for d in cfg["DataStores"][0]["Datasets"]]
     with pytest.raises(Exception, match="storage-options"):
         serve(str(tiny_cubes), storage_options_json="{bad", dry_run=True)
 

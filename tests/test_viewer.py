@@ -21,6 +21,7 @@ import pytest
 import requests
 from PIL import Image
 
+from cube_gen import schema as S
 from cube_gen.access import CubeSet
 
 CHROMIUM = os.environ.get("DEEPEARTH_CHROMIUM", "/usr/bin/chromium")
@@ -71,7 +72,7 @@ def session(browser, viewer_url) -> dict:
     page = context.new_page()
     tiles: list[str] = []
     errors: list[str] = []
-    page.on("request", lambda r: tiles.append(r.url) if "/tiles/grid/" in r.url
+    page.on("request", lambda r: tiles.append(r.url) if "/tiles/grid" in r.url
             or "/explore/observations/" in r.url else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
     yield {"page": page, "url": viewer_url, "tiles": tiles, "errors": errors}
@@ -155,12 +156,17 @@ def _visible_tiles(urls: list[str]) -> dict[str, int]:
 
 def test_grid_layer_tiles_render(session):
     page = session["page"]
-    urls = _fetched(session, "/tiles/grid/")
-    assert urls, "the page fetched no tiles of the grid dataset"
-    assert any("/tiles/grid/observation_count/" in u for u in urls)
+    # the viewer opens on the all-years pyramid, its first variable (species richness)
+    urls = _fetched(session, f"/tiles/{S.GRID_ALL_YEARS}/")
+    assert urls, "the page fetched no tiles of the all-years grid dataset"
+    assert any(f"/tiles/{S.GRID_ALL_YEARS}/species_richness/" in u for u in urls), urls[:5]
     visible = _visible_tiles(urls)
     assert visible, "no grid tile answered with a PNG"
-    assert max(visible.values()) > 0, "every grid tile the page fetched is blank"
+    # richness is blank below the grid's min_observations (all of the tiny set's cells);
+    # the same tiles of the observation count show the cells the page looks at
+    counts = _visible_tiles([u.replace("/species_richness/", "/observation_count/")
+                             for u in urls])
+    assert max(counts.values()) > 0, "every grid tile the page fetched is blank"
     # the observations overlay (dots in cluster colours) is on by default
     dots = _visible_tiles(_fetched(session, "/explore/observations/"))
     assert dots and max(dots.values()) > 0, "no observation dots on the overlay tiles"

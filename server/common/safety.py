@@ -15,6 +15,22 @@ log = logging.getLogger("deepearth.server")
 _INSTALLED = False
 
 
+def _read_model_problem(exc: BaseException | None):
+    """The :class:`~server.common.errors.ApiProblem` of the first read-model error
+    (:class:`cube_gen.errors.DeepEarthError`) in ``exc``'s chain, else None."""
+    from cube_gen.errors import DeepEarthError
+
+    from .errors import problem_of
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DeepEarthError):
+            return problem_of(exc, "xcube")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def hide_tracebacks() -> None:
     """Patch xcube's TornadoRequestHandler.write_error once (idempotent)."""
     global _INSTALLED
@@ -37,6 +53,13 @@ def hide_tracebacks() -> None:
                 if exc_val.log_message and status_code < 500:
                     error["message"] = exc_val.log_message % exc_val.args \
                         if exc_val.args else exc_val.log_message
+            elif (problem := _read_model_problem(exc_val)) is not None:
+                # the cube set's errors in xcube's own endpoints (tiles, datasets of the
+                # grid pyramids): the status of the STATUS table, the message naming the
+                # cube, array and chunk (or the storage that is down)
+                status_code = problem.status
+                self.set_status(status_code)
+                error = problem.body()["error"]
             else:
                 message = str(exc_val) if status_code < 500 else "internal server error"
                 error["message"] = message or exc_type.__name__
