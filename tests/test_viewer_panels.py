@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, urlencode, urlparse
 
 import numpy as np
 import pandas as pd
@@ -316,6 +316,148 @@ def test_embedding_info_describes_picked_points(ctx, cs):
     assert f"(/explore/embedding-space.html?gbif_id={gid})" in link
 
 
+# -- patch search in the observation panel -------------------------------------------------
+@pytest.fixture(scope="module")
+def patch_cubes(tiny_source, tmp_path_factory) -> Path:
+    """The tiny cube set built with the patch index stage on (a flat index)."""
+    from conftest import tiny_recipe_data
+
+    from cube_gen.pipeline import run_recipe
+    from cube_gen.recipe import parse_recipe
+
+    target = tmp_path_factory.mktemp("panel-patch-cubes") / "cubes"
+    run_recipe(parse_recipe(tiny_recipe_data(tiny_source, target, patches={"enabled": True})),
+               progress=False)
+    return target
+
+
+@pytest.fixture(scope="module")
+def patch_ctx(patch_cubes):
+    """The panels' context over the patch-indexed cube set."""
+    from xcube.server.server import Server
+    from xcube.server.webservers.tornado import TornadoFramework
+
+    server = Server(TornadoFramework(), make_config(str(patch_cubes)))
+    yield server.ctx
+    server.ctx.on_dispose()
+
+
+def test_patch_search_says_when_there_is_no_patch_index(ctx, cs):
+    d = observation.update_body(ctx, f"obs-{_with_vision(cs)}").to_dict()
+    assert _by_id(d, observation.PATCH_MATCHES)["text"] == observation.NO_PATCH_INDEX
+    assert not [c for c in _walk(d) if c.get("id") == observation.PATCH_GRID]
+
+
+def test_patch_grid_is_the_attention_map_with_a_click_selection(patch_ctx, patch_cubes):
+    from cube_gen.embedding_math import normalise
+    from server import render
+
+    pcs = CubeSet.open(str(patch_cubes))
+    gid = _with_vision(pcs, 2)
+    d = observation.update_body(patch_ctx, f"obs-{gid}", "variance", "2", "viridis", 50,
+                                True).to_dict()
+    spec = _by_id(d, observation.PATCH_GRID)["chart"]
+    assert _by_id(d, observation.PATCH_MATCHES)["children"][0]["text"] == \
+        observation.PATCH_HINT
+    (param,) = spec["params"]
+    assert param["name"] == observation.PATCH_SELECTION
+    assert param["select"] == {"type": "point", "fields": ["key"], "on": "click"}
+    assert spec["facet"]["column"]["field"] == "photo"
+    (rows,) = spec["datasets"].values()
+    photos = [r for r in rows if r["kind"] == "photo"]
+    assert [r["url"] for r in photos] == [f"/explore/photos/{gid}/{n}.jpg" for n in (0, 1)]
+    cmap = render.get_colormap("viridis")
+    for n, pos in enumerate(pcs.images_of(gid)):
+        cells = [r for r in rows if r["kind"] == "cell" and r["photo"] == f"Photo {n + 1}"]
+        assert len(cells) == 576
+        norm = normalise(np.asarray(pcs.attention(pos, "variance", "2"), np.float32))
+        for r in cells[::37]:
+            assert r["key"] == f"{gid}:{n}:{r['py']}:{r['px']}"
+            assert r["value"] == pytest.approx(norm[r["py"], r["px"]], abs=1e-4)
+            rgb = cmap(float(norm[r["py"], r["px"]]), bytes=True)[:3]
+            assert r["fill"] == "#" + "".join(f"{int(c):02x}" for c in rgb)
+            assert r["opacity"] == pytest.approx(r["value"] * 0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("filters", [None, "months", "taxa"])
+def test_patch_matches_are_the_patch_search(patch_ctx, patch_cubes, filters):
+    from patch_reference import brute, reference_vectors
+
+    from cube_gen import patch_index as P
+    from server.deepearth import controllers as C
+    from server.deepearth.params import EmbeddingId
+
+    pcs = CubeSet.open(str(patch_cubes))
+    gid = _with_vision(pcs, 2)
+    t = pcs.image_table()
+    if filters:  # the species, or the month, of another photo's observation
+        other = pcs.observation(int(t.gbif_id[t.gbif_id != gid].iloc[0]))
+        month = pd.Timestamp(other["time"]).month
+        filters = urlencode({"taxa": other["taxon_name"]}) if filters == "taxa" \
+            else f"months={month}-{month}"
+    de = patch_ctx.get_api_ctx("deepearth")
+    q = observation.filters_query(filters)
+    grouped = C.similar_patches(de, EmbeddingId(gid, 1), P.Window.patch(11, 7),
+                                observation.PATCH_K, None if q.is_empty else q, group=True,
+                                per_image=1)["results"]
+    want = [{**w, **w["patches"][0]} for w in grouped]  # each photo's best patch
+    got = observation.update_patch_matches(patch_ctx, {"key": [f"{gid}:1:11:7"], "vlPoint": {}},
+                                           "entropy", "mean", "magma", filters).to_dict()
+    assert got["id"] == observation.PATCH_MATCHES
+    rows = _by_id(got, observation.PATCH_TABLE)["rows"]
+    assert rows and [(r[3], r[4] - 1) for r in rows] == \
+        [(w["gbif_id"], w["image_number"]) for w in want]
+    assert [r[5] for r in rows] == pytest.approx([w["score"] for w in want], abs=1e-4)
+    assert [(r[1], r[2]) for r in rows] == [(w["taxon_name"], w["time"][:10]) for w in want]
+    # the photos are a numpy brute force's best, in order, each with its best patch
+    vectors = reference_vectors(pcs)
+    image = pcs.image_position(gid, 1)
+    allowed = np.zeros(pcs.vision.sizes["image"], bool)
+    allowed[pcs.select_images(C.resolve(de, q))] = True
+    allowed[image] = False
+    ids, scores = brute(vectors, vectors[P.patch_id(image, 11, 7)], int(allowed.sum()) * 576,
+                        allowed)
+    best = {}
+    for i, sc in zip(ids.tolist(), scores.tolist(), strict=True):
+        best.setdefault(i // 576, (i, sc))
+    pos = pcs.image_positions([r[3] for r in rows], [r[4] - 1 for r in rows])
+    assert pos.tolist() == list(best)[:len(rows)]
+    np.testing.assert_array_equal(
+        P.patch_id(pos, [w["patch_y"] for w in want], [w["patch_x"] for w in want]),
+        [best[int(i)][0] for i in pos])
+    assert [r[5] for r in rows] == pytest.approx([best[int(i)][1] for i in pos], abs=1e-4)
+    if filters:  # every match within the filters
+        if filters.startswith("taxa"):
+            assert {r[1] for r in rows} == {other["taxon_name"]}
+        else:
+            assert {pd.Timestamp(w["time"]).month for w in want} == {month}
+    # one attention crop per match, from the crop endpoint, with the panel's style
+    crops = [u for u in _image_urls(got) if "/crop.png" in u]
+    assert [urlparse(u).path for u in crops] == [
+        f"/deepearth/embeddings/{w['gbif_id']}/{w['image_number']}/patches/{w['patch_y']}/"
+        f"{w['patch_x']}/crop.png" for w in want]
+    assert parse_qs(urlparse(crops[0]).query) == {
+        "method": ["entropy"], "frame": ["mean"], "colormap": ["magma"], "alpha": ["1.00"],
+        "size": [str(observation.CROP_SIZE)], "margin": [str(observation.CROP_MARGIN)]}
+    # a click on a match selects its observation
+    columns = [c["id"] for c in _by_id(got, observation.PATCH_TABLE)["columns"]]
+    row = dict(zip(columns, rows[0], strict=True))
+    assert observation.select_patch_match(patch_ctx, row) == f"obs-{want[0]['gbif_id']}"
+
+
+def test_patch_matches_hint_and_bad_clicks(patch_ctx, ctx, cs):
+    for picked in (None, {}, {"key": []}, {"key": ["nonsense"]}, {"key": [3]}):
+        d = observation.update_patch_matches(patch_ctx, picked).to_dict()
+        assert d["children"][0]["text"] == observation.PATCH_HINT
+    assert observation.select_patch_match(patch_ctx, None) is None
+    assert observation.select_patch_match(patch_ctx, {"gbif_id": "x"}) is None
+    gid = _with_vision(cs)
+    d = observation.update_patch_matches(patch_ctx, {"key": [f"{gid}:0:30:0"]}).to_dict()
+    assert "patch_y" in str(d) and d["id"] == observation.PATCH_MATCHES  # outside the grid
+    d = observation.update_patch_matches(ctx, {"key": [f"{gid}:0:3:4"]}).to_dict()
+    assert "no patch index" in str(d)  # a stale click on a set without one: a message
+
+
 # -- region panel --------------------------------------------------------------------------
 def test_region_bbox_and_year():
     bbox, where = region.region_bbox({"type": "Point", "coordinates": [-81.5, 28.5]}, 2.0)
@@ -411,9 +553,9 @@ def test_extension_contributions_layouts_and_callbacks(xserver, cs):
     assert r.ok, r.reason
     panels = r.data["contributions"]["panels"]
     assert [p["initialState"]["title"] for p in panels] == \
-        ["Observation", "Embedding space", "Region statistics"]
+        ["Observation", "Embedding space", "Region statistics", "Model predictions"]
     gid = _with_vision(cs)
-    for index in range(3):
+    for index in range(len(panels)):
         r = get_layout(ext_ctx, "panels", index, {"inputValues": [f"obs-{gid}", None, None][
             :len(panels[index]["layout"]["inputs"])]})
         assert r.ok, r.reason

@@ -64,6 +64,15 @@ def selected_gbif_id(place_id: str | None) -> int | None:
     return gbif_id_of_place(place_id)
 
 
+def picked_keys(picked: Any) -> list:
+    """The ``key`` values of a VegaChart's point selection on field ``key`` (as chartlets
+    reports it: ``{"key": [...], "vlPoint": ...}``)."""
+    if not isinstance(picked, dict):
+        return []
+    keys = picked.get("key")
+    return list(keys) if isinstance(keys, list) else []
+
+
 def message(text: str, id: str | None = None, color: str = "text.secondary") -> Typography:
     return Typography(id=id, text=text, variant="body2", color=color)
 

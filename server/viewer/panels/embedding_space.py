@@ -10,7 +10,6 @@ follows the selection.
 """
 
 from dataclasses import replace
-from typing import Any
 
 import altair as alt
 import numpy as np
@@ -36,6 +35,7 @@ from .common import (
     fmt_time,
     guarded,
     md_escape,
+    picked_keys,
     selected_gbif_id,
     url,
 )
@@ -222,7 +222,7 @@ def observation_of_species(ctx, species_index: int, q: Query | None = None) -> i
 def select_picked(ctx, picked: dict | None = None, view: str | None = "species",
                   filters: str | None = None) -> str | None:
     """A click on a point selects its observation everywhere (None: nothing picked)."""
-    keys = _picked_keys(picked)
+    keys = picked_keys(picked)
     if not keys:
         return None
     key = keys[-1]
@@ -238,13 +238,6 @@ def select_picked(ctx, picked: dict | None = None, view: str | None = "species",
 
 
 # -- details of the picked points ----------------------------------------------------------
-def _picked_keys(picked: Any) -> list:
-    if not isinstance(picked, dict):
-        return []
-    keys = picked.get("key")
-    return list(keys) if isinstance(keys, list) else []
-
-
 @panel.callback(
     Input("emb_chart", SELECTION),
     Input("emb_view"),
@@ -255,7 +248,7 @@ def _picked_keys(picked: Any) -> list:
 def update_info(ctx, picked: dict | None = None, view: str | None = "species",
                 place_id: str | None = None) -> str:
     """Markdown describing the picked species or embeddings (at most 5)."""
-    keys = _picked_keys(picked)
+    keys = picked_keys(picked)
     de = deepearth(ctx)
     lines: list[str] = []
     gbif_id = selected_gbif_id(place_id)

@@ -5,24 +5,33 @@ vision embedding the attention map (method, frame, colour map, opacity; drawn ov
 photo when it can be loaded: a synthetic cube set's own photos, else iNaturalist) and the
 UMAP-RGB image, both as PNGs from the plugin's endpoints, the per-embedding statistics
 and the most similar embeddings (narrowed by the viewer's filters; a click on a row
-selects that observation on the map and in every panel). The attention controls show
-only for observations with embeddings.
+selects that observation on the map and in every panel). Patch search (cube sets with a
+patch index): a click on a patch of a photo's 24 x 24 attention grid lists the other
+photos with the most similar patches (:func:`server.deepearth.controllers.similar_patches`
+grouped per image, within the filters), each as an attention crop around its best patch
+with species and date; a click on a match selects its observation. The attention
+controls show only for observations with embeddings.
 """
 
 from typing import Any
 
+import altair as alt
+import pandas as pd
 from chartlets import Component, Input, Output, State
-from chartlets.components import Box, Select, Slider, Switch, Table, Typography
+from chartlets.components import Box, Select, Slider, Switch, Table, Typography, VegaChart
 from xcube.webapi.viewer.components import Markdown
 from xcube.webapi.viewer.contrib import Panel
 
+from cube_gen import patch_index as PI
 from cube_gen import schema as S
 from cube_gen.errors import NotFoundError
 from cube_gen.photos import photo_index
 
+from ... import render
 from ...common.errors import ApiProblem
 from ...deepearth import controllers as C
 from ...deepearth import params as D
+from ..places import place_id as place_of
 from .common import (
     COLUMN,
     FILTERS,
@@ -42,6 +51,7 @@ from .common import (
     lat_lon_text,
     md_escape,
     message,
+    picked_keys,
     selected_gbif_id,
     url,
 )
@@ -60,6 +70,17 @@ DEFAULTS = {"method": D.ATTENTION_METHOD, "frame": D.ATTENTION_FRAME, "colormap"
 IMAGE_SIZE = 256  # pixels per side of the attention and UMAP-RGB PNGs
 SHOWN = 220  # pixels per side they are shown at (two fit side by side in the side panel)
 SIMILAR_K = 8
+PATCH_GRID = "obs_patch_grid"  # the clickable attention grids (a VegaChart)
+PATCH_SELECTION = "patch"  # its click selection; chartlets reports it as property "patch"
+PATCH_MATCHES = "obs_patch_matches"
+PATCH_TABLE = "obs_patch_table"
+PATCH_K = 8
+GRID_SHOWN = 190  # pixels per side of a photo's clickable attention grid (two fit)
+CROP_SIZE = 96  # pixels per side of a match's attention crop
+CROP_MARGIN = 2  # patches of context around a matched patch
+NO_PATCH_INDEX = ("Patch search is off: this cube set has no patch index "
+                  "(recipe key cubes.patches.enabled).")
+PATCH_HINT = "Click a patch of an attention grid to see where else a part like it occurs."
 HINT = ("Select an observation on the map (the points, coloured by the language cluster "
         "of their species) to see its details and what the vision model attends to.")
 
@@ -106,15 +127,26 @@ def update_controls(ctx, place_id: str | None = None) -> dict:
     return CONTROLS_STYLE if has_embeddings(ctx, place_id) else HIDDEN
 
 
-@panel.callback(Input("obs_similar", "value"), Output("@app", "selectedPlaceId"))
-def select_similar(ctx, row: dict | None = None) -> str | None:
-    """A click on a row of the similar embeddings selects that observation everywhere."""
+def _place_of_row(row: Any) -> str | None:
+    """The place id of a table row's ``gbif_id`` (None: no usable row)."""
     if not isinstance(row, dict) or row.get("gbif_id") in (None, ""):
         return None
     try:
-        return f"obs-{int(row['gbif_id'])}"
+        return place_of(int(row["gbif_id"]))
     except (TypeError, ValueError):
         return None
+
+
+@panel.callback(Input("obs_similar", "value"), Output("@app", "selectedPlaceId"))
+def select_similar(ctx, row: dict | None = None) -> str | None:
+    """A click on a row of the similar embeddings selects that observation everywhere."""
+    return _place_of_row(row)
+
+
+@panel.callback(Input(PATCH_TABLE, "value"), Output("@app", "selectedPlaceId"))
+def select_patch_match(ctx, row: dict | None = None) -> str | None:
+    """A click on a patch match selects its observation everywhere."""
+    return _place_of_row(row)
 
 
 @panel.callback(
@@ -142,9 +174,7 @@ def update_body(ctx, place_id: str | None = None, method: str | None = None,
     except (ApiProblem, NotFoundError) as problem:
         raise PanelProblem(str(problem)) from None
     style = {
-        "method": method if method in S.ATTENTION_METHODS else DEFAULTS["method"],
-        "frame": str(frame) if str(frame) in S.ATTENTION_FRAMES else DEFAULTS["frame"],
-        "colormap": colormap if colormap in COLORMAPS else DEFAULTS["colormap"],
+        **_attention_map(method, frame, colormap),
         "alpha": max(0, min(100, int(DEFAULTS["opacity"] if opacity is None else opacity)))
         / 100,
         "photo": DEFAULTS["photo"] if photo is None else bool(photo),
@@ -157,10 +187,19 @@ def update_body(ctx, place_id: str | None = None, method: str | None = None,
         children.extend(_embedding(ctx, rec, emb, style, photos))
     if rec["embeddings"]:
         children.extend(_similar(de, rec, filters))
+        children.extend(_patch_search(ctx, de, rec, style, photos))
     children.append(Markdown(id="obs_3d", text=f"[The 3-D embedding space]("
                              f"{url(ctx, PAGES_PREFIX + '/embedding-space.html', gbif_id=gbif_id)})"
                              " follows this selection (open it in a new tab)."))
     return Box(id=BODY, style=COLUMN, children=children)
+
+
+def _attention_map(method: str | None, frame: str | None,
+                   colormap: str | None) -> dict[str, str]:
+    """The method, frame and colour map chosen, the defaults for unknown values."""
+    return {"method": method if method in S.ATTENTION_METHODS else DEFAULTS["method"],
+            "frame": str(frame) if str(frame) in S.ATTENTION_FRAMES else DEFAULTS["frame"],
+            "colormap": colormap if colormap in COLORMAPS else DEFAULTS["colormap"]}
 
 
 def _local_photos(de) -> set[tuple[int, int]]:
@@ -252,20 +291,136 @@ def _similar(de, rec: dict[str, Any], filters: str | None = None) -> list[Compon
     q = filters_query(filters)
     result = C.similar_embeddings(de, D.EmbeddingId(rec["gbif_id"], first), SIMILAR_K,
                                   None if q.is_empty else q)
-    rows = [[r["rank"], r["taxon_name"], r["time"][:10], r["gbif_id"], r["image_number"] + 1,
-             round(float(r["score"]), 4)] for r in result["results"]]
-    table = Table(id="obs_similar", hover=True, style={"width": "100%", "tableLayout": "fixed"},
-                  columns=[
+    table = _matches_table("obs_similar", result["results"])
+    narrowed = filters_text(filters)
+    out = [heading(f"Most similar photo embeddings (cosine of pooled vectors, photo {first + 1})"),
+           message("Click a row to select that observation."
+                   + (f" {narrowed}." if narrowed else ""))]
+    out.append(table if result["results"] else message("No other embeddings match."))
+    return out
+
+
+def _matches_table(id: str, matches: list[dict[str, Any]]) -> Table:
+    """Ranked embeddings (species, date, GBIF id, photo, cosine); a row click selects."""
+    return Table(id=id, hover=True, style={"width": "100%", "tableLayout": "fixed"}, columns=[
         {"id": "rank", "label": "#", "size": "small"},
         {"id": "species", "label": "Species", "size": "small"},
         {"id": "date", "label": "Date", "size": "small"},
         {"id": "gbif_id", "label": "GBIF id", "size": "small"},
         {"id": "photo", "label": "Photo", "size": "small", "align": "right"},
         {"id": "cosine", "label": "Cosine", "size": "small", "align": "right"},
-    ], rows=rows)
+    ], rows=[[m["rank"], m["taxon_name"], m["time"][:10], m["gbif_id"], m["image_number"] + 1,
+              round(float(m["score"]), 4)] for m in matches])
+
+
+# -- patch search ------------------------------------------------------------------------------
+def _patch_search(ctx, de, rec: dict[str, Any], style: dict[str, Any],
+                  local: set[tuple[int, int]]) -> list[Component]:
+    out: list[Component] = [heading("Patch search: where else does a part like this occur?")]
+    if not PI.has_patch_index(de.cubeset):
+        return [*out, message(NO_PATCH_INDEX, id=PATCH_MATCHES)]
+    chart = VegaChart(id=PATCH_GRID, chart=_patch_grid(ctx, de, rec, style, local))
+    return [*out, chart, Box(id=PATCH_MATCHES, style=COLUMN, children=[message(PATCH_HINT)])]
+
+
+def _patch_grid(ctx, de, rec: dict[str, Any], style: dict[str, Any],
+               local: set[tuple[int, int]]) -> alt.FacetChart:
+    """One 24 x 24 attention grid per photo (the attention map's colours and opacity, the
+    photo underneath), a click on a cell selecting patch key ``gbif_id:image:py:px``."""
+    gid = int(rec["gbif_id"])
+    cmap = render.get_colormap(style["colormap"])
+    rows: list[dict[str, Any]] = []
+    for emb in rec["embeddings"]:
+        n = int(emb["image_number"])
+        att = C.attention(de, D.EmbeddingId(gid, n), D.AttentionMap(style["method"],
+                                                                    style["frame"]))
+        photo = f"Photo {n + 1}"
+        under = _photo_url(ctx, rec, n, local) if style["photo"] else None
+        if under:
+            rows.append({"photo": photo, "kind": "photo", "url": under})
+        for py, line in enumerate(att["normalised"]):
+            for px, v in enumerate(line):
+                r, g, b, _ = cmap(float(v), bytes=True)
+                rows.append({"photo": photo, "kind": "cell", "py": py, "px": px,
+                             "value": round(float(v), 4), "key": f"{gid}:{n}:{py}:{px}",
+                             "fill": f"#{r:02x}{g:02x}{b:02x}",
+                             "opacity": round(float(v) * style["alpha"], 4)})
+    picked = alt.selection_point(name=PATCH_SELECTION, fields=["key"], on="click")
+    cells = alt.Chart().mark_rect().encode(
+        x=alt.X("px:O", axis=None), y=alt.Y("py:O", axis=None),
+        fill=alt.Fill("fill:N", scale=None), opacity=alt.Opacity("opacity:Q", scale=None),
+        stroke=alt.value("#ffffff"),
+        strokeWidth=alt.condition(picked, alt.value(2), alt.value(0), empty=False),
+        tooltip=[alt.Tooltip("py:Q", title="patch row"), alt.Tooltip("px:Q", title="column"),
+                 alt.Tooltip("value:Q", title="attention", format=".2f")],
+    ).transform_filter("datum.kind == 'cell'").add_params(picked)
+    image = alt.Chart().mark_image(width=GRID_SHOWN, height=GRID_SHOWN, align="left",
+                                   baseline="top", aspect=False).encode(
+        x=alt.value(0), y=alt.value(0), url="url:N").transform_filter("datum.kind == 'photo'")
+    data = pd.DataFrame(rows).astype({"py": "Int64", "px": "Int64"})  # photo rows: none
+    return (alt.layer(image, cells, data=data)
+            .properties(width=GRID_SHOWN, height=GRID_SHOWN)
+            .facet(column=alt.Column("photo:N", title=None), spacing=8)
+            .properties(usermeta={"embedOptions": {"renderer": "svg"}}))
+
+
+def _patch_key(picked: Any) -> tuple[int, int, int, int] | None:
+    """(gbif_id, image_number, py, px) of the last picked grid cell."""
+    keys = [k for k in picked_keys(picked) if isinstance(k, str) and k.count(":") == 3]
+    try:
+        return tuple(int(v) for v in keys[-1].split(":")) if keys else None
+    except ValueError:
+        return None
+
+
+@panel.callback(
+    Input(PATCH_GRID, PATCH_SELECTION),
+    State("obs_method"),
+    State("obs_frame"),
+    State("obs_colormap"),
+    State("@app", FILTERS),
+    Output(PATCH_MATCHES, ""),
+)
+@guarded(lambda text: error_box(PATCH_MATCHES, text))
+def update_patch_matches(ctx, picked: dict | None = None, method: str | None = None,
+                         frame: str | None = None, colormap: str | None = None,
+                         filters: str | None = None) -> Component:
+    """The photos whose best patches are most like the clicked one: crops and a table."""
+    key = _patch_key(picked)
+    if key is None:
+        return Box(id=PATCH_MATCHES, style=COLUMN, children=[message(PATCH_HINT)])
+    gid, n, py, px = key
+    q = filters_query(filters)
+    try:
+        result = C.similar_patches(deepearth(ctx), D.EmbeddingId(gid, n),
+                                   PI.Window.patch(py, px), PATCH_K, None if q.is_empty else q,
+                                   group=True, per_image=1)
+    except (ApiProblem, NotFoundError, ValueError) as problem:
+        raise PanelProblem(str(problem)) from None
+    crop = {**_attention_map(method, frame, colormap), "alpha": "1.00", "size": CROP_SIZE,
+            "margin": CROP_MARGIN}
+    matches = [{**r, **r["patches"][0]} for r in result["results"]]  # its best patch
     narrowed = filters_text(filters)
-    out = [heading(f"Most similar photo embeddings (cosine of pooled vectors, photo {first + 1})"),
-           message("Click a row to select that observation."
-                   + (f" {narrowed}." if narrowed else ""))]
-    out.append(table if rows else message("No other embeddings match."))
-    return out
+    lead = message(f"Patch ({py}, {px}) of photo {n + 1}: the {len(matches)} other photos with "
+                   "the most similar patches (cosine; the best patch of each, outlined); "
+                   "click a row to select that observation."
+                   + (f" {narrowed}." if narrowed else ""))
+    if not matches:
+        return Box(id=PATCH_MATCHES, style=COLUMN,
+                   children=[lead, message("No patches of other photos match.")])
+    crops = Box(style=ROW, children=[_crop(ctx, m, crop) for m in matches])
+    table = _matches_table(PATCH_TABLE, matches)
+    return Box(id=PATCH_MATCHES, style=COLUMN, children=[lead, crops, table])
+
+
+def _crop(ctx, m: dict[str, Any], crop: dict[str, Any]) -> Component:
+    """A match: its attention crop (the patch outlined), species, date and cosine."""
+    src = api_url(ctx, f"/embeddings/{m['gbif_id']}/{m['image_number']}/patches/"
+                       f"{m['patch_y']}/{m['patch_x']}/crop.png", **crop)
+    return Box(style={"display": "flex", "flexDirection": "column", "width": CROP_SIZE + 8},
+               children=[
+        Markdown(text=f"![patch match {m['rank']}: patch {m['patch_y']}, {m['patch_x']}]({src})"),
+        Typography(text=f"{m['rank']}. {m['taxon_name']}", variant="caption",
+                   style={"fontStyle": "italic"}),
+        Typography(text=f"{m['time'][:10]} · {float(m['score']):.3f}", variant="caption"),
+    ])
