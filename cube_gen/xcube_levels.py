@@ -83,7 +83,7 @@ class DeepEarthDataStore(DataStore):
             Datasets: [{Path: grid, Identifier: grid, Style: ...}]
 
     Every level is read through the checked store of the version current when the store
-    opened (or ``version``).
+    opened (or ``version``); the server moves it to a newer version with :meth:`follow`.
     """
 
     def __init__(self, url: str, storage_options: dict | None = None,
@@ -98,6 +98,15 @@ class DeepEarthDataStore(DataStore):
         if self._cs is None:
             self._cs = CubeSet.open(self.url, self.storage_options, version=self.version)
         return self._cs
+
+    def follow(self, cubeset: CubeSet) -> bool:
+        """Open pyramids of ``cubeset`` (another version of this store's cube set) from now
+        on; False, and nothing changed, for another cube set or a store pinned to a version.
+        Pyramids opened before keep reading their version."""
+        if self.version is not None or self.url.rstrip("/") != cubeset.url:
+            return False
+        self._cs = cubeset
+        return True
 
     @classmethod
     def get_data_store_params_schema(cls) -> JsonObjectSchema:

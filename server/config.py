@@ -22,8 +22,10 @@ A new version published while the server runs (``deepearth gen`` over the same t
 served within ``VersionCheckSeconds``: between requests, the first request after the interval
 reads the root manifest's ``current`` (one small read) and, when it changed, opens the new
 version and swaps it in; every request reads one version from start to end, and the results
-cache is keyed by version. xcube's own grid endpoints (tiles, WMTS, time series) keep the
-version that was current when the server started (restart to follow it).
+cache is keyed by version. xcube's grid datasets read through the ``deepearth`` data store
+(the default of ``deepearth serve``) follow too; with ``DEEPEARTH_CHECKED_GRIDS=0`` (plain
+paths) and in the viewer's observation dots, the version read at start stays until a
+restart.
 """
 
 from __future__ import annotations

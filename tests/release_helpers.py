@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import zarr
@@ -18,9 +19,11 @@ from cube_gen.store import Target, zarr_store
 SMALL = (S.CUBE_PATHS[S.OBSERVATIONS], S.CUBE_PATHS[S.SPECIES], S.CUBE_PATHS[S.VISION])
 
 
-def publish_marked(target: Target, source_dir: str, k: int, parts=SMALL) -> str:
+def publish_marked(target: Target, source_dir: str, k: int, parts=SMALL,
+                   edit: Callable[[Target], None] | None = None) -> str:
     """Publish a copy of the cubes in the local folder ``source_dir`` as a new version whose
-    ``features[0]`` is all ``k`` (and whose release manifest says ``k``)."""
+    ``features[0]`` is all ``k`` (and whose release manifest says ``k``); ``edit(target)``
+    changes more of the staged cubes before the publish."""
     for part in parts:
         dst = target.staging(part)
         target.remove(dst)
@@ -32,6 +35,8 @@ def publish_marked(target: Target, source_dir: str, k: int, parts=SMALL) -> str:
                                        target.storage_options), mode="r+")
     feats = group["features"]
     feats[0] = np.full(feats.shape[1:], k, dtype=feats.dtype)
+    if edit is not None:
+        edit(target)
     root = read_root(target) or {}
     summary = {key: root[key] for key in ("recipe", "counts", "bbox", "cubes") if key in root}
     vid = publish(target, parts, {**summary, "k": int(k)})

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from conftest import copy_cubes, current_dir
 from release_helpers import publish_marked
 from server_fixtures import Http, serve_cubeset
@@ -29,9 +30,17 @@ def local(tiny_cubes, tmp_path) -> Path:
 
 
 def _publish(local: Path, k: int) -> str:
-    """A new current version whose ``features[0]`` is all ``k`` (every cube of the set)."""
+    """A new current version whose ``features[0]`` and grid ``observation_count`` (every
+    level) are all ``k`` (every cube of the set)."""
     parts = tuple(p for p in S.CUBE_PATHS.values() if (current_dir(local) / p).exists())
-    return publish_marked(Target(str(local)), str(current_dir(local)), k, parts=parts)
+
+    def edit(target: Target) -> None:
+        for level in sorted(Path(target.staging(S.CUBE_PATHS[S.GRID])).glob("*.zarr")):
+            counts = zarr.open_array(str(level), path="observation_count", mode="r+")
+            counts[...] = k
+
+    return publish_marked(Target(str(local)), str(current_dir(local)), k, parts=parts,
+                          edit=edit)
 
 
 def _first_embedding(cs: CubeSet) -> EmbeddingId:
@@ -123,3 +132,34 @@ def test_served_cubeset_answers_the_new_version_within_the_interval(local, tmp_p
         # a reader that opened the old version keeps the old values
         np.testing.assert_array_equal(old.features(0), before)
         assert (CubeSet.open(str(local)).features(0) == 7).all()
+
+
+def test_xcube_grid_datasets_follow_the_new_version(local):
+    from xcube.server.server import Server
+    from xcube.server.webservers.tornado import TornadoFramework
+
+    from server.launch import make_config
+
+    config = make_config(str(local))
+    config["DeepEarth"]["VersionCheckSeconds"] = 0.1
+    config["api_spec"] = {"includes": ["auth", "deepearth", "datasets", "places",
+                                      "deepearth-wmts"]}
+    server = Server(TornadoFramework(), config)
+    ctx = server.ctx.get_api_ctx("deepearth")
+    datasets = server.ctx.get_api_ctx("datasets")
+    wmts = server.ctx.get_api_ctx("deepearth-wmts")
+    old_ml = datasets.get_ml_dataset("grid")
+    assert len(wmts.layers()) > 0
+    old_counts = old_ml.get_dataset(0).observation_count.values
+    assert not (old_counts == 7).all()
+    new_id = _publish(local, 7)
+    time.sleep(0.2)
+    with request_scope():
+        assert ctx.cubeset.version == new_id
+    new_ml = datasets.get_ml_dataset("grid")
+    assert new_ml is not old_ml and new_ml.cubeset.version == new_id
+    for level in range(new_ml.num_levels):
+        assert (new_ml.get_dataset(level).observation_count.values == 7).all(), level
+    # a pyramid looked up before reads its version; the WMTS builds its layers again
+    np.testing.assert_array_equal(old_ml.get_dataset(0).observation_count.values, old_counts)
+    assert wmts.layers_ready is None and len(wmts.layers()) > 0

@@ -1,4 +1,5 @@
-"""Helpers over xcube's datasets context shared by the APIs (WMTS, viewer support)."""
+"""Helpers over xcube's datasets context shared by the APIs (WMTS, viewer support, new
+versions of the cube set)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,35 @@ def warm_datasets(datasets_ctx, dataset_ids: list[str]) -> int:
             continue
         warmed += warm_indexes(ml)
     return warmed
+
+
+def follow_version(datasets_ctx, cubeset) -> list[str]:
+    """Serve ``cubeset`` (a new version) in xcube's datasets read through the ``deepearth``
+    data store (:class:`cube_gen.xcube_levels.DeepEarthDataStore`); returns the ids of the
+    datasets swapped.
+
+    Each such store follows the version; each pyramid xcube had opened from one is opened
+    again on it, its indexes warmed (:func:`warm_indexes`), then put into xcube's dataset
+    cache in one assignment: a request reads the pyramid it looked up, of one version.
+    """
+    from cube_gen.xcube_levels import DeepEarthDataStore
+
+    pool = datasets_ctx.get_data_store_pool()
+    stores = {}
+    for sid in pool.store_instance_ids:
+        if pool.get_store_config(sid).store_id != "deepearth":
+            continue
+        store = pool.get_store(sid)
+        if isinstance(store, DeepEarthDataStore) and store.follow(cubeset):
+            stores[sid] = store
+    swapped = []
+    for ds_id, (_, config) in list(datasets_ctx.dataset_cache.items()):
+        store = stores.get(config.get("StoreInstanceId"))
+        if store is None:
+            continue
+        ml = store.open_data(str(config["Path"]))
+        ml.ds_id = ds_id
+        warm_indexes(ml)
+        datasets_ctx.dataset_cache[ds_id] = (ml, config)
+        swapped.append(ds_id)
+    return swapped

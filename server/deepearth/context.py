@@ -9,6 +9,8 @@ New versions (:mod:`cube_gen.release`) are followed between requests: the first 
 after ``VersionCheckSeconds`` reads the root manifest's ``current`` and, when it changed,
 opens that version and swaps it in (one reference); every request keeps the version it
 started with (:mod:`server.common.scope`), and ``ctx.cache`` is keyed by that version.
+xcube's grid datasets read through the ``deepearth`` data store follow too
+(:func:`server.common.datasets.follow_version`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from cube_gen.errors import CubeError, NotFoundError
 from cube_gen.release import read_root
 
 from ..common.cache import KeyedView
+from ..common.datasets import follow_version
 from ..common.errors import ApiProblem, Unavailable
 from ..common.resources import Resources
 from ..common.scope import pinned
@@ -170,8 +173,11 @@ class DeepEarthContext(ApiContext):
             new = CubeSet.open(self.cubeset_url, self.storage_options or None,
                                version=str(current))
             self._cubeset = new  # requests that started before keep the old one
+            self._follow_in_xcube(new)
             if self.resources is not None:
-                self.resources.cache.clear()  # entries of the old version (keyed by it)
+                # results are keyed by version; tiles and slices of the grids are not: a
+                # computation in flight across the clear is answered but not kept
+                self.resources.clear_caches()
             LOG.info(f"DeepEarth: serving version {new.version} of {self.cubeset_url} "
                      f"(was {old.version})")
             return new.version
@@ -181,6 +187,23 @@ class DeepEarthContext(ApiContext):
             return None
         finally:
             self._version_lock.release()
+
+    def _follow_in_xcube(self, cubeset: CubeSet) -> None:
+        """xcube's grid pyramids (read through the ``deepearth`` data store) and the layers
+        of the map APIs follow ``cubeset``; a failure leaves them on their version (logged)."""
+        try:
+            datasets = self.server_ctx.get_api_ctx("datasets")
+            ids = follow_version(datasets, cubeset) if datasets is not None else []
+            for name in ("deepearth-wmts", "deepearth-wms"):
+                reset = getattr(self.server_ctx.get_api_ctx(name), "version_changed", None)
+                if reset is not None:
+                    reset()
+        except Exception as exc:  # noqa: BLE001 - the DeepEarth API itself has switched
+            LOG.warning(f"DeepEarth: xcube's grid datasets stay on their version: "
+                        f"{type(exc).__name__}: {exc}")
+            return
+        if ids:
+            LOG.info(f"DeepEarth: xcube datasets {', '.join(ids)} read version {cubeset.version}")
 
     @property
     def cache(self) -> KeyedView:

@@ -56,12 +56,20 @@ class WmsContext(ApiContext):
 
     def layers(self) -> dict[str, WmsLayer]:
         """The layers (built on first use; blocking: call on a worker thread)."""
-        if self._layers is None:
+        layers = self._layers  # one read: version_changed() may reset it meanwhile
+        if layers is None:
             with self._lock:
-                if self._layers is None:
-                    self._layers, self._titles = build_layers(self.datasets_ctx)
-                    LOG.info(f"DeepEarth WMS: {len(self._layers)} layers")
-        return self._layers
+                layers = self._layers
+                if layers is None:
+                    layers, self._titles = build_layers(self.datasets_ctx)
+                    self._layers = layers
+                    LOG.info(f"DeepEarth WMS: {len(layers)} layers")
+        return layers
+
+    def version_changed(self) -> None:
+        """A new version of the cube set is served: layers and capabilities built again."""
+        self._layers = None
+        self.capabilities_cache.clear()
 
     @property
     def titles(self) -> dict[str, str]:

@@ -58,15 +58,21 @@ class WmtsContext(ApiContext):
                                                "server", status=503)
         return ctx
 
+    def version_changed(self) -> None:
+        """A new version of the cube set is served: build the layers again on next use."""
+        self._layers = None
+
     @property
     def layers_ready(self) -> dict[str, Layer] | None:
         return self._layers
 
     def layers(self) -> dict[str, Layer]:
         """The layers (built on first use; blocking: call on a worker thread)."""
-        if self._layers is None:
+        layers = self._layers  # one read: version_changed() may reset it meanwhile
+        if layers is None:
             with self._lock:
-                if self._layers is None:
-                    self._layers = build_layers(self.datasets_ctx)
-                    LOG.info(f"DeepEarth WMTS: {len(self._layers)} layers")
-        return self._layers
+                layers = self._layers
+                if layers is None:
+                    layers = self._layers = build_layers(self.datasets_ctx)
+                    LOG.info(f"DeepEarth WMTS: {len(layers)} layers")
+        return layers
