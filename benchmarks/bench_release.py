@@ -8,17 +8,25 @@
 * **Publish on S3.** The built cube set is uploaded into the staging area of a moto S3
   server (loopback, ``tests/s3_server.py``) and published (server-side copies into
   ``versions/<id>/``, checksums from ETags, ``release.json``, one PUT of
-  ``cubeset.json``); the baseline is the plain upload of the same files.
-* **Verify.** ``cube_gen.release.verify`` (MD5 of every object, 8 threads) on disk and on
-  moto, against reading the same objects without hashing.
+  ``cubeset.json``); the baseline is a bare ``fs.put`` of the same folders, in the same
+  repeat (orders alternate).
+* **Verify.** ``cube_gen.release.verify`` (what ``deepearth verify`` runs: MD5 of every
+  object, 8 threads) in MB/s against plain MD5 of the same files (a ``hashlib`` loop and
+  ``md5sum``) on disk, and on moto against GET + MD5 and GET only.
 
     python -m benchmarks.bench_release [--embeddings 40] [--repeats 3]
+        [--parts rebuild,publish,verify] [--demo] [--no-s3]
+
+``--demo`` publishes and verifies the demo cube set (synthetic ``demo`` preset built with
+``recipes/demo.yaml``, about 3.4 GB and 8,000 objects; built once under
+``benchmarks/out/release/``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -117,73 +125,210 @@ def bench(n: int, repeats: int) -> str:
                      [(k, f"{st_inc.get(k, 0):.2f}", f"{st_full.get(k, 0):.2f}")
                       for k in names]), ""]
 
-    # -- publish and verify on moto S3, verify on disk ---------------------------------
+    return "\n".join(out)
+
+
+# -- publish and verify ------------------------------------------------------------------
+def demo_cubes() -> Path:
+    """The demo cube set (``synth --preset demo`` + ``recipes/demo.yaml``), built once."""
+    from cube_gen.recipe import load_recipe
+
+    source, cubes = OUT / "demo-source", OUT / "demo-cubes"
+    if not source.exists():
+        write_synthetic(str(source), "demo", seed=0, progress=False)
+    if not (cubes / "cubeset.json").exists():
+        run_recipe(load_recipe(str(REPO / "recipes" / "demo.yaml"),
+                               overrides={"source.path": str(source),
+                                          "target.path": str(cubes)}), progress=False)
+    return cubes
+
+
+def _version_dir(cubes: Path) -> Path:
+    return Path(Target(str(cubes)).path(*resolve(Target(str(cubes))).prefix))
+
+
+def _size(files: list[Path]) -> int:
+    return sum(p.stat().st_size for p in files)
+
+
+def bench_publish(cubes: Path, repeats: int) -> str:
+    """Upload + publish of a built version on moto S3 vs a bare ``fs.put`` of the same
+    folders, side by side in each repeat (the two orders alternate; a fresh moto server per
+    repeat). Each repeat's times are printed as it ends."""
     from s3_server import moto_s3
 
-    cubes = OUT / "run0" / "fresh"
-    vdir = Path(Target(str(cubes)).path(*resolve(Target(str(cubes))).prefix))
+    vdir = _version_dir(cubes)
     parts = sorted(p.name for p in vdir.iterdir() if p.is_dir())
-    files = _files(vdir)
-    nbytes = sum(p.stat().st_size for p in files if p.name != "release.json")
+    files = [f for part in parts for f in _files(vdir / part)]
+    bare, staged, published = [], [], []
+    for r in range(repeats):
+        with moto_s3() as server:
+            server.create_bucket("bench")
+            target = Target("s3://bench/set", server.storage_options)
+            fs = target.fs
+
+            def put_bare(fs=fs):
+                t0 = time.perf_counter()
+                for part in parts:
+                    fs.put(str(vdir / part), f"bench/bare/{part}", recursive=True)
+                bare.append(time.perf_counter() - t0)
+
+            def put_publish(target=target, fs=fs):
+                t0 = time.perf_counter()
+                for part in parts:
+                    fs.put(str(vdir / part), target.staging(part), recursive=True)
+                t1 = time.perf_counter()
+                publish(target, parts, {"recipe": "bench"})
+                staged.append(t1 - t0)
+                published.append(time.perf_counter() - t1)
+
+            for step in (put_bare, put_publish) if r % 2 == 0 else (put_publish, put_bare):
+                step()
+        print(f"publish repeat {r}: bare put {bare[-1]:.1f} s, upload to staging "
+              f"{staged[-1]:.1f} s, publish {published[-1]:.1f} s", flush=True)
+    med = statistics.median
+    b, u, p = med(bare), med(staged), med(published)
+    rows = [
+        ("bare `fs.put` of the version's folders (baseline)", f"{b:.1f} s", "1.00"),
+        ("publish: upload to staging + publish", f"{u + p:.1f} s", f"{(u + p) / b:.2f}"),
+        ("  of which the upload to staging", f"{u:.1f} s", f"{u / b:.2f}"),
+        ("  of which `publish` (server-side copies, ETag checksums, release.json, switch)",
+         f"{p:.1f} s", f"{p / b:.2f}"),
+    ]
+    return "\n".join([
+        f"Publish on moto S3 ({cubes.name}: {len(files)} objects, {_size(files) / 1e6:.0f} MB; "
+        f"medians of {repeats})", "", md_table(["what", "time", "ratio to bare put"], rows), ""])
+
+
+def _md5_loop(paths: list[Path]) -> int:
+    """Plain MD5 of each file, one thread, 1 MiB blocks; returns the bytes read."""
+    import hashlib
+
+    n = 0
+    buf = bytearray(1 << 20)
+    for path in paths:
+        h = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb", buffering=0) as f:
+            while k := f.readinto(buf):
+                h.update(memoryview(buf)[:k])
+                n += k
+    return n
+
+
+def _md5sum(paths: list[Path]) -> int:
+    """``md5sum`` of the files (coreutils, batches of 500 names); returns the bytes read."""
+    import subprocess
+
+    for i in range(0, len(paths), 500):
+        subprocess.run(["md5sum", *map(str, paths[i:i + 500])], check=True,
+                       stdout=subprocess.DEVNULL)
+    return _size(paths)
+
+
+def _rate(fn) -> float:
+    t0 = time.perf_counter()
+    nbytes = fn()
+    return nbytes / (time.perf_counter() - t0) / 1e6
+
+
+def bench_verify(cubes: Path, repeats: int, s3: bool = True) -> str:
+    """``release.verify`` (what ``deepearth verify`` runs) in MB/s vs plain MD5 of the same
+    files: a ``hashlib`` loop and ``md5sum`` on disk (warm page cache), and on moto S3 the
+    same objects read and hashed (8 threads) or only read."""
+    target = Target(str(cubes))
+    vdir = _version_dir(cubes)
+    rel = resolve(target)
+    paths = [vdir / name for name in sorted(rel.files or {})]
+    _md5_loop(paths)  # warm the page cache
+    ver, loop, md5sum = [], [], []
+    for _ in range(repeats):
+        ver.append(_rate(lambda: verify(target, progress=False)[2]))
+        loop.append(_rate(lambda: _md5_loop(paths)))
+        md5sum.append(_rate(lambda: _md5sum(paths)))
+    med = statistics.median
+    v = med(ver)
+    rows = [
+        ("`verify` on disk (MD5 of every object, 8 threads, warm page cache)",
+         f"{v:.0f} MB/s", "1.00"),
+        ("plain MD5, `hashlib` in one loop (1 thread)", f"{med(loop):.0f} MB/s",
+         f"{v / med(loop):.2f}"),
+        ("plain MD5, `md5sum` (coreutils, 1 process)", f"{med(md5sum):.0f} MB/s",
+         f"{v / med(md5sum):.2f}"),
+    ]
+    if s3:
+        rows += _verify_s3(vdir, [p.relative_to(vdir).as_posix() for p in paths], repeats)
+    return "\n".join([
+        f"Verify ({cubes.name}: {len(paths)} objects, {_size(paths) / 1e6:.0f} MB; medians of "
+        f"{repeats}; {os.cpu_count()} cores)", "",
+        md_table(["what", "throughput", "verify / this"], rows), ""])
+
+
+def _verify_s3(vdir: Path, names: list[str], repeats: int) -> list[tuple[str, str, str]]:
+    import hashlib
+
+    from s3_server import moto_s3
+
+    parts = sorted(p.name for p in vdir.iterdir() if p.is_dir())
+    med = statistics.median
     with moto_s3() as server:
         server.create_bucket("bench")
-        uploads, publishes, s3_verify, s3_read = [], [], [], []
-        for r in range(repeats):
-            url = f"s3://bench/set{r}"
-            target = Target(url, server.storage_options)
-            t0 = time.perf_counter()
-            for part in parts:
-                target.fs.put(str(vdir / part), target.staging(part), recursive=True)
-            uploads.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            publish(target, parts, {"recipe": "bench"})
-            publishes.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            _, problems, got = verify(target, progress=False)
-            s3_verify.append(got / (time.perf_counter() - t0) / 1e6)
-            assert not problems
-            keys = [k for k in target.fs.find(target.path("versions"))]
-            t0 = time.perf_counter()
+        target = Target("s3://bench/set", server.storage_options)
+        for part in parts:
+            target.fs.put(str(vdir / part), target.staging(part), recursive=True)
+        vid = publish(target, parts, {"recipe": "bench"})
+        keys = [target.path("versions", vid, n) for n in names]
+        fs = target.fs
+
+        def read(hashed: bool) -> int:
+            def one(key):
+                data = fs.cat_file(key)
+                if hashed:
+                    hashlib.md5(data, usedforsecurity=False).hexdigest()
+                return len(data)
             with ThreadPoolExecutor(8) as pool:
-                total = sum(pool.map(lambda k, fs=target.fs: len(fs.cat_file(k)), keys))
-            s3_read.append(total / (time.perf_counter() - t0) / 1e6)
-    local_verify, local_read = [], []
-    target = Target(str(cubes))
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _, problems, got = verify(target, progress=False)
-        local_verify.append(got / (time.perf_counter() - t0) / 1e6)
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(8) as pool:
-            total = sum(pool.map(lambda p: len(p.read_bytes()), files))
-        local_read.append(total / (time.perf_counter() - t0) / 1e6)
-    med = statistics.median
-    out += [f"Publish and verify ({len(files)} objects, {nbytes / 1e6:.0f} MB; medians of "
-            f"{repeats})", "",
-            md_table(["what", "figure", "baseline", "ratio"], [
-                ("publish on moto S3 (server-side copy, ETag checksums, switch)",
-                 f"{med(publishes):.1f} s", f"upload of the same files {med(uploads):.1f} s",
-                 f"{med(publishes) / med(uploads):.2f}"),
-                ("verify on moto S3 (MD5, 8 threads)", f"{med(s3_verify):.0f} MB/s",
-                 f"read without hashing {med(s3_read):.0f} MB/s",
-                 f"{med(s3_verify) / med(s3_read):.2f}"),
-                ("verify on disk (MD5, 8 threads, warm page cache)",
-                 f"{med(local_verify):.0f} MB/s",
-                 f"read without hashing {med(local_read):.0f} MB/s",
-                 f"{med(local_verify) / med(local_read):.2f}"),
-            ]), ""]
-    return "\n".join(out)
+                return sum(pool.map(one, keys))
+
+        ver, hashed, plain = [], [], []
+        for _ in range(repeats):
+            ver.append(_rate(lambda: verify(target, progress=False)[2]))
+            hashed.append(_rate(lambda: read(True)))
+            plain.append(_rate(lambda: read(False)))
+    v = med(ver)
+    return [("`verify` on moto S3 (8 threads)", f"{v:.0f} MB/s", "1.00"),
+            ("GET + `hashlib` MD5 of the same objects (8 threads)", f"{med(hashed):.0f} MB/s",
+             f"{v / med(hashed):.2f}"),
+            ("GET only (8 threads)", f"{med(plain):.0f} MB/s", f"{v / med(plain):.2f}")]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--embeddings", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--parts", default="rebuild,publish,verify",
+                    help="comma-separated: rebuild, publish, verify")
+    ap.add_argument("--demo", action="store_true",
+                    help="publish and verify the demo cube set (built once under "
+                         "benchmarks/out/release/) instead of the rebuild's")
+    ap.add_argument("--no-s3", action="store_true", help="verify on disk only")
     args = ap.parse_args(argv)
-    text = bench(args.embeddings, args.repeats)
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    OUT.mkdir(parents=True, exist_ok=True)
+    texts = []
+    if "rebuild" in parts:
+        texts.append(bench(args.embeddings, args.repeats))
+    cubes = demo_cubes() if args.demo else OUT / "run0" / "fresh"
+    if parts & {"publish", "verify"} and not (cubes / "cubeset.json").exists():
+        build(sources(args.embeddings)[0], cubes)
+    if "publish" in parts:
+        texts.append(bench_publish(cubes, args.repeats))
+    if "verify" in parts:
+        texts.append(bench_verify(cubes, args.repeats, s3=not args.no_s3))
+    text = "\n".join(texts)
     print(text)
-    (OUT / "release.md").write_text(text)
-    (OUT / "release.json").write_text(json.dumps({"embeddings": args.embeddings}))
+    name = "release-demo" if args.demo else "release"
+    (OUT / f"{name}.md").write_text(text)
+    (OUT / f"{name}.json").write_text(json.dumps({"embeddings": args.embeddings,
+                                                  "parts": sorted(parts), "demo": args.demo}))
     return 0
 
 
