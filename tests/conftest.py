@@ -90,6 +90,19 @@ def tiny_cubes(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="session")
+def patch_cubes(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_cubes`` built with the patch index stage on (a flat index: 3,456 patches), once
+    per session. Read-only, like ``tiny_cubes``."""
+    from cube_gen.pipeline import run_recipe
+    from cube_gen.recipe import parse_recipe
+
+    target = tmp_path_factory.mktemp("patch-cubes") / "cubes"
+    run_recipe(parse_recipe(tiny_recipe_data(tiny_source, target, patches={"enabled": True})),
+               progress=False)
+    return target
+
+
+@pytest.fixture(scope="session")
 def s3():
     """A moto S3 server on a free loopback port for the session (see tests/s3_server.py)."""
     from s3_server import moto_s3

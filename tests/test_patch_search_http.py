@@ -5,7 +5,6 @@ coordinates answer 400 naming the parameter."""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,20 +14,6 @@ from server_fixtures import SERVED_PLUGIN, Http, problem_of, serve_cubeset
 
 from cube_gen import patch_index as P
 from cube_gen.access import CubeSet
-
-
-@pytest.fixture(scope="module")
-def patch_cubes(tiny_source: Path, tmp_path_factory) -> Path:
-    """The tiny cube set built with the patch index stage on (a flat index: 3,456 patches)."""
-    from conftest import tiny_recipe_data
-
-    from cube_gen.pipeline import run_recipe
-    from cube_gen.recipe import parse_recipe
-
-    target = tmp_path_factory.mktemp("patch-cubes") / "cubes"
-    run_recipe(parse_recipe(tiny_recipe_data(tiny_source, target,
-                                             patches={"enabled": True})), progress=False)
-    return target
 
 
 @pytest.fixture(scope="module")

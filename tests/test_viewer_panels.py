@@ -318,20 +318,6 @@ def test_embedding_info_describes_picked_points(ctx, cs):
 
 # -- patch search in the observation panel -------------------------------------------------
 @pytest.fixture(scope="module")
-def patch_cubes(tiny_source, tmp_path_factory) -> Path:
-    """The tiny cube set built with the patch index stage on (a flat index)."""
-    from conftest import tiny_recipe_data
-
-    from cube_gen.pipeline import run_recipe
-    from cube_gen.recipe import parse_recipe
-
-    target = tmp_path_factory.mktemp("panel-patch-cubes") / "cubes"
-    run_recipe(parse_recipe(tiny_recipe_data(tiny_source, target, patches={"enabled": True})),
-               progress=False)
-    return target
-
-
-@pytest.fixture(scope="module")
 def patch_ctx(patch_cubes):
     """The panels' context over the patch-indexed cube set."""
     from xcube.server.server import Server
