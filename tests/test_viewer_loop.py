@@ -6,7 +6,9 @@ attention maps. Slow parts (a real ``xcube serve``, headless Debian Chromium thr
 Playwright, offline): 64 concurrent first tile requests at fresh servers answer no 5xx;
 one page walks the loop like a user: dot click -> Observation panel, UMAP click -> map
 selection moves, species filter -> fewer dots, reload -> state restored, drawn polygon ->
-statistics of exactly the observations inside. Screenshots go to artifacts/viewer-loop/.
+statistics of exactly the observations inside, a search naming one species -> its layer and a
+narrowed place list, the 3-D page (same browser) -> the viewer's selection and filters.
+Screenshots go to artifacts/viewer-loop/.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pandas as pd
 import pytest
 
 from cube_gen import phenology, taxa
+from cube_gen import schema as S
 from cube_gen.timeparse import PRECISION_CODES
 from server.viewer import bundle as viewer_bundle
 from server.viewer.loop import DotFilter, FilterError, pick, time_step_period
@@ -357,7 +360,8 @@ def app_state(page) -> dict:
 
 def wait_place(page, gbif_id: int) -> None:
     page.wait_for_function(
-        f"() => window.deepearth.store.getState().controlState.selectedPlaceId === 'obs-{gbif_id}'",
+        f"() => window.deepearth && window.deepearth.store && "
+        f"window.deepearth.store.getState().controlState.selectedPlaceId === 'obs-{gbif_id}'",
         timeout=WAIT_MS)
 
 
@@ -548,3 +552,116 @@ def test_polygon_statistics_count_the_observations_inside(loop):
     assert not loop["errors"], loop["errors"]
     redux = [c for c in loop["console"] if "prev state" in c or "next state" in c]
     assert not redux, f"{len(redux)} Redux log lines"
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_one_species_search_shows_its_layer_and_narrows_the_place_list(loop):
+    """A search naming one species: its per-species layer on the map, the place list of
+    observations with embeddings narrowed to it; clearing it restores both."""
+    page, obs, species = loop["page"], loop["obs"], loop["species"]
+    before = page.evaluate("() => { const c = window.deepearth.store.getState().controlState;"
+                           " return [c.selectedDatasetId, c.selectedVariableName]; }")
+    # the place group as the viewer loads it when it is chosen in Places
+    page.evaluate("""async () => { const s = window.deepearth.store, st = s.getState();
+        const id = st.controlState.selectedDatasetId;
+        const g = await (await fetch(`/datasets/${id}/places/observations-with-embeddings`)).json();
+        s.dispatch({type: 'UPDATE_DATASET_PLACE_GROUP', datasetId: id, placeGroup: g}); }""")
+    vision = obs[obs.num_embeddings >= 1]
+    year = int(vision.time.dt.year.value_counts().index[0])  # the most photographed year
+    page.evaluate(f"""() => {{ const st = window.deepearth.store.getState();
+        const ds = st.dataState.datasets.find(d => d.id === st.controlState.selectedDatasetId);
+        const t = ds.dimensions.find(d => d.name === 'time').coordinates
+            .find(c => new Date(c).getUTCFullYear() === {year});
+        if (t !== undefined) window.deepearth.store.dispatch({{type: 'SELECT_TIME',
+                                                              selectedTime: t}}); }}""")
+    page.wait_for_timeout(300)
+    s_idx = int(vision[vision.time.dt.year == year].species_index.value_counts().index[0])
+    name = str(species.taxon_name.iat[s_idx])
+    variable = "count_" + S.species_slug(name)
+    page.fill("#deepearth-taxa", name)
+    page.press("#deepearth-taxa", "Enter")
+    page.wait_for_function(f"() => window.deepearth.store.getState().controlState"
+                           f".selectedVariableName === '{variable}'", timeout=WAIT_MS)
+    shown = page.evaluate("""() => { const st = window.deepearth.store.getState();
+        const id = st.controlState.selectedDatasetId;
+        const ds = st.dataState.datasets.find(d => d.id === id);
+        return [id, ds.variables.map(v => v.name), ds.dimensions.find(d => d.name === 'time')
+                .coordinates.length]; }""")
+    assert variable in shown[1]
+    # the place list: that species' observations with embeddings in the step shown
+    mine = vision[vision.species_index == s_idx]
+    if shown[2] > 1:  # a yearly grid holding the layer: the selected year
+        mine = mine[mine.time.dt.year == pd.Timestamp(app_state(page)["time"], unit="ms").year]
+    want = sorted(mine.gbif_id.tolist())
+    assert want
+    group_ids = """() => { const st = window.deepearth.store.getState();
+        for (const d of st.dataState.datasets) for (const g of d.placeGroups || [])
+            if (g.id === 'observations-with-embeddings' && g.features)
+                return g.features.map(f => f.properties.gbif_id).sort((a, b) => a - b);
+        return null; }"""
+    page.wait_for_function(f"() => JSON.stringify(({group_ids})()) === '{want}'.replace(/ /g, '')",
+                           timeout=WAIT_MS)
+    page.wait_for_function(f"() => location.href.includes('variable={variable}')",
+                           timeout=WAIT_MS)
+    shot(page, "06-one-species-layer")
+    page.locator("#deepearth-clear").click()
+    page.wait_for_function(f"() => {{ const c = window.deepearth.store.getState().controlState;"
+                           f" return c.selectedDatasetId === '{before[0]}' &&"
+                           f" c.selectedVariableName === '{before[1]}'; }}", timeout=WAIT_MS)
+    steps = page.evaluate("""() => { const st = window.deepearth.store.getState();
+        const ds = st.dataState.datasets.find(d => d.id === st.controlState.selectedDatasetId);
+        return ds.dimensions.find(d => d.name === 'time').coordinates.length; }""")
+    every = vision
+    if steps > 1:
+        every = vision[vision.time.dt.year ==
+                       pd.Timestamp(app_state(page)["time"], unit="ms").year]
+    everything = sorted(every.gbif_id.tolist())
+    assert everything != want
+    try:
+        page.wait_for_function(f"() => JSON.stringify(({group_ids})()) === "
+                               f"'{everything}'.replace(/ /g, '')", timeout=WAIT_MS)
+    except Exception:
+        got = page.evaluate(f"() => ({group_ids})()")
+        raise AssertionError((len(got), len(everything), steps, app_state(page))) from None
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_3d_page_follows_the_selection_and_the_filters(loop):
+    """The 3-D page in the same browser: the viewer's selection is outlined, its filters
+    narrow the points (species with a matching observation; matching photo embeddings)."""
+    page, obs, species, images = loop["page"], loop["obs"], loop["species"], loop["images"]
+    three = page.context.new_page()
+    three.goto(f"{loop['url']}/explore/embedding-space.html", wait_until="domcontentloaded")
+    three.wait_for_function("() => window.deepearth3d && window.deepearth3d.state().ready",
+                            timeout=WAIT_MS)
+    everything = three.evaluate("window.deepearth3d.state()")
+    assert everything["filters"] == "" and everything["shown"] == everything["total"]
+    gid = int(images.gbif_id.iat[len(images) // 2])
+    row = obs[obs.gbif_id == gid].iloc[0]
+    s_idx, year = int(row.species_index), int(row.time.year)
+    genus = str(species.genus.iat[s_idx])
+    page.evaluate(f"() => {{ window.deepearth.setFilters({{taxa: '{genus}', year: '{year}'}});"
+                  f" return window.deepearth.selectObservation({gid}, true); }}")
+    wait_place(page, gid)
+    three.wait_for_function(f"() => {{ const s = window.deepearth3d.state();"
+                            f" return s.ready && s.focusGbif === {gid} && s.focusSpecies === {s_idx}"
+                            f" && s.filters === 'taxa={genus}&year={year}'; }}", timeout=WAIT_MS)
+    keep = species.species_index[species.genus == genus].to_numpy()
+    in_year = obs[obs.species_index.isin(keep) & (obs.time.dt.year == year)]
+    st = three.evaluate("window.deepearth3d.state()")
+    assert st["view"] == "species" and st["shown"] == int(in_year.species_index.nunique()) >= 1
+    three.evaluate("window.deepearth3d.setView('vision')")
+    st = three.evaluate("window.deepearth3d.state()")
+    image_year = pd.DatetimeIndex(images.time).year
+    want = int((images.species_index.isin(keep) & (image_year == year)).sum())
+    assert st["shown"] == want and 1 <= want < st["total"] == len(images)
+    assert f"taxa={genus}" in three.url and f"gbif_id={gid}" in three.url
+    three.screenshot(path=str(ARTIFACTS / "07-3d-page-follows.png"))
+    # clearing the filters in the viewer shows everything again
+    page.locator("#deepearth-clear").click()
+    three.wait_for_function("() => { const s = window.deepearth3d.state();"
+                            " return s.filters === '' && s.shown === s.total; }", timeout=WAIT_MS)
+    three.close()
+    assert not loop["errors"], loop["errors"]

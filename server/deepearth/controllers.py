@@ -306,11 +306,29 @@ def batch_positions(ctx, ids: list[tuple[int, int]]) -> np.ndarray:
     return np.asarray(positions, np.int64)
 
 
-def batch(ctx, req: BatchRequest) -> np.ndarray:
-    """Pooled vectors or full tensors of many embeddings, in the order requested."""
+def batch_rows(ctx, req: BatchRequest, q: Query | None = None) -> np.ndarray:
+    """Indices into ``req.ids`` of the embeddings that match the filters ``q`` (all
+    without filters), ascending."""
     positions = batch_positions(ctx, req.ids)
+    q = resolve(ctx, q or Query())
+    if analysis.is_empty(q):
+        return np.arange(len(positions))
+    keep = np.zeros(ctx.cubeset.vision.sizes["image"], bool)
+    keep[ctx.cubeset.select_images(q)] = True
+    return np.flatnonzero(keep[positions])
+
+
+def batch(ctx, req: BatchRequest, q: Query | None = None,
+          rows: np.ndarray | None = None) -> np.ndarray:
+    """Pooled vectors or full tensors of many embeddings, in the order requested; with
+    filters ``q`` only those that match (``rows``: :func:`batch_rows`, when known)."""
+    positions = batch_positions(ctx, req.ids)
+    if q is not None or rows is not None:
+        positions = positions[batch_rows(ctx, req, q) if rows is None else rows]
     dt = _little(req.dtype)
     if req.kind == "pooled":
+        if len(positions) == 0:  # filters kept none
+            return np.empty((0, feature_shape(ctx)[-1]), dt)
         return np.ascontiguousarray(ctx.cubeset.pooled(positions), dtype=dt)
     out = np.empty((len(positions), *feature_shape(ctx)), dt)
     for k in np.argsort(positions, kind="stable"):

@@ -196,17 +196,36 @@ async def embeddings(h: DeepEarthHandler, q, page: P.PageRequest):
     await h.reply_json(await h.call(C.embeddings, q, page))
 
 
+def row_ranges(rows: np.ndarray) -> str:
+    """Ascending indices as ranges: ``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"``."""
+    out, rows = [], [int(r) for r in rows]
+    i = 0
+    while i < len(rows):
+        j = i
+        while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1:
+            j += 1
+        out.append(str(rows[i]) if i == j else f"{rows[i]}-{rows[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
 @route("/embeddings/batch", "deepearthEmbeddingsBatch",
-       "Batch retrieval of pooled vectors or full tensors", method="post",
-       params={"req": D.BATCH}, request_body=D.BatchBody.request_body(),
+       "Batch retrieval of pooled vectors or full tensors, optionally filtered", method="post",
+       params={"req": D.BATCH, "q": D.FILTERS}, request_body=D.BatchBody.request_body(),
        responses=binary_ok("(n, feature) pooled vectors or (n, frame, patch_y, patch_x, "
-                           "feature) tensors in the order requested"))
-async def batch(h: DeepEarthHandler, req: D.BatchRequest):
+                           "feature) tensors in the order requested (with filters: the "
+                           "matching ones, their indices in X-DeepEarth-Rows)"))
+async def batch(h: DeepEarthHandler, req: D.BatchRequest, q):
     """POST a JSON body ``{"ids": [[gbif_id, image_number], ...], "kind": "pooled" |
     "features", "dtype": "float16" | "float32", "format": "npy" | "raw"}``. At most
-    ``MaxBatchPooled`` pooled vectors or ``MaxBatchFeatures`` tensors per request."""
+    ``MaxBatchPooled`` pooled vectors or ``MaxBatchFeatures`` tensors per request. The
+    query's filters (species, ``taxa``, ``months``, ``hours``, ``year``, ...) keep the ids
+    that match; ``X-DeepEarth-Rows`` lists their indices in ``ids`` (``0-2,5``)."""
+    rows = await h.call(C.batch_rows, req, q)
+    h.response.set_header("X-DeepEarth-Rows", row_ranges(rows))
+    h.response.set_header("X-DeepEarth-Matched", str(len(rows)))
     async with h.response_buffer(2 * req.nbytes()):  # the array, then its encoded bytes
-        arr = await h.call(C.batch, req)
+        arr = await h.call(C.batch, req, q, rows)
         await h.reply_array(arr, req.format, f"batch-{req.kind}")
 
 

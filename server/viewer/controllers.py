@@ -11,8 +11,8 @@ from cube_gen.taxa import suggestions
 
 from ..common.errors import NotFound, Unavailable
 from .context import ViewerSupportContext
-from .loop import DotFilter, pick
-from .places import PointTiles
+from .loop import DotFilter, pick, species_layer
+from .places import PointTiles, vision_place_group
 
 
 def dot_mask(ctx: ViewerSupportContext, f: DotFilter) -> np.ndarray | None:
@@ -48,13 +48,22 @@ def _cubeset(ctx: ViewerSupportContext):
 
 
 def count(ctx: ViewerSupportContext, f: DotFilter) -> dict[str, Any]:
-    """How many observations (and species) the dots show with these filters."""
+    """How many observations (and species) the dots show with these filters, and the grid
+    layer of the species when the search names one (``layer``, else None)."""
     cs = _cubeset(ctx)
     mask = dot_mask(ctx, f)
     species = cs.observations.species_index.values
-    if mask is None:
-        return {"observations": int(len(species)), "species": int(len(np.unique(species)))}
-    return {"observations": int(mask.sum()), "species": int(len(np.unique(species[mask])))}
+    shown = species if mask is None else species[mask]
+    return {"observations": int(len(shown)), "species": int(len(np.unique(shown))),
+            "layer": species_layer(cs, f.taxa)}
+
+
+def places(ctx: ViewerSupportContext, f: DotFilter) -> dict[str, Any]:
+    """The place group of the observations with photo embeddings, narrowed like the dots
+    (the viewer's place list follows the filters; cached per filter)."""
+    cs = _cubeset(ctx)
+    return ctx.cache.get_or_compute(("places", f),
+                                    lambda: vision_place_group(cs, dot_mask(ctx, f)))
 
 
 def taxa(ctx: ViewerSupportContext, text: str, limit: int = 12) -> dict[str, Any]:

@@ -6,6 +6,8 @@
   period, e.g. one year);
 * :func:`pick`: the observation nearest to a clicked point within a radius (the viewer
   selects it; no place group has to be loaded first);
+* :func:`species_layer`: the per-species grid layer of a species search that names one
+  species (the filter bar switches the map to it);
 * :func:`warm_time_indexes`: build the pandas indexes of every level of the served
   datasets once, before requests arrive. pandas fills an index's hash table and its
   uniqueness flag lazily and not thread-safely: 64 concurrent first tile requests made
@@ -165,6 +167,23 @@ def pick(cs, lon: float, lat: float, radius_m: float,
     i = int(idx[j])
     return {"gbif_id": int(obs.gbif_id.values[i]), "distance_m": round(float(d[j]), 1),
             "lon": float(olon[i]), "lat": float(olat[i])}
+
+
+def species_layer(cs, taxa_text: str | None) -> dict[str, Any] | None:
+    """The grid layer of the one species a search names: ``{"species_index",
+    "taxon_name", "variable"}`` (``count_<slug>``, a variable of ``grid_species``), else
+    None (no search, or it selects no species or several)."""
+    from cube_gen import grid_variables as G
+    from cube_gen.taxa import search_species
+
+    table = cs.species_table()
+    hits = search_species(table, taxa_text)
+    if hits is None or len(hits) != 1:
+        return None
+    i = int(hits[0])
+    name = str(table.taxon_name.to_numpy()[i])
+    return {"species_index": i, "taxon_name": name,
+            "variable": G.SPECIES_FAMILY.prefix + S.species_slug(name)}
 
 
 def warm_time_indexes(datasets_ctx, dataset_ids: list[str]) -> int:

@@ -2,7 +2,8 @@
 
 * :func:`observation_place_group`, :func:`vision_place_group`: the observations (all, and
   those with photo embeddings) as GeoJSON point features, place groups of the grid
-  dataset (added by :class:`server.viewer.context.ViewerSupportContext`);
+  dataset (added by :class:`server.viewer.context.ViewerSupportContext`; the viewer
+  replaces the group's features by ``/explore/places`` when its filters change);
 * :class:`PointTiles`: XYZ tiles (Web Mercator) of the observations drawn in their
   species' cluster colours, the viewer's ``observations`` overlay layer (xcube Viewer
   draws dataset places in one fixed colour).
@@ -97,9 +98,11 @@ def observation_place_group(cs) -> dict[str, Any]:
                         "of its species)", observation_features(cs))
 
 
-def vision_place_group(cs) -> dict[str, Any]:
-    """The observations with photo embeddings (fewer points: quicker to pick one)."""
-    positions = np.flatnonzero(cs.observations.has_vision.values)
+def vision_place_group(cs, keep: np.ndarray | None = None) -> dict[str, Any]:
+    """The observations with photo embeddings (fewer points: quicker to pick one); ``keep``:
+    a mask along ``obs`` narrowing them (the viewer's filters)."""
+    has_vision = cs.observations.has_vision.values.astype(bool)
+    positions = np.flatnonzero(has_vision if keep is None else has_vision & keep)
     return _place_group(VISION_PLACE_GROUP_ID, "Observations with photo embeddings",
                         "The observations whose photos have V-JEPA 2 embeddings",
                         observation_features(cs, positions))

@@ -7,7 +7,9 @@
   cluster colours (the viewer's ``observations`` overlay, named in ``viewer/config.json``),
   filtered like the dots (``taxa``, ``months``, ``hours``, ``year``, ``time``);
 * ``/explore/pick``: the observation nearest to a map click;
-* ``/explore/count``: how many observations and species the dots show with the filters;
+* ``/explore/count``: how many observations and species the dots show with the filters,
+  and the species layer of a search naming one species;
+* ``/explore/places``: the observations with embeddings place group, narrowed like the dots;
 * ``/explore/taxa?q=``: suggestions for the species search (clusters, genera, species);
 * ``/explore/photos/{gbif_id}/{image_number}.jpg``: the synthetic photos of a synthetic
   cube set (:mod:`cube_gen.photos`).
@@ -157,12 +159,20 @@ async def pick(h: ViewerHandler, point: tuple[float, float, float], f: DotFilter
     h.send_json(await h.run(C.nearest, h.ctx, *point, f))
 
 
-
 @route("/count", "deepearthDotCount",
-       "How many observations and species the dots show with these filters",
+       "How many observations and species the dots show with these filters (and the "
+       "species layer when the search names one species)",
        params={"f": DotFilters()})
 async def dot_count(h: ViewerHandler, f: DotFilter):
     h.send_json(await h.run(C.count, h.ctx, f))
+
+
+@route("/places", "deepearthFilteredPlaces",
+       "The observations with photo embeddings as a GeoJSON place group, narrowed by the "
+       "dot filters (the viewer's place list)",
+       params={"f": DotFilters()})
+async def filtered_places(h: ViewerHandler, f: DotFilter):
+    h.send_json(await h.run(C.places, h.ctx, f))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,10 @@
 //     (so the map highlights it and every panel sees selectedPlaceId "obs-<gbif_id>"),
 //     map centred on it;
 //   * filters (species search, months, hours, year): app property "deepearthFilters"
-//     (a query string the panels pass on to the API), applied to the dots layer;
+//     (a query string the panels pass on to the API), applied to the dots layer and to the
+//     "Observations with photo embeddings" place list (/explore/places); a search naming
+//     one species switches the map to that species' layer (count_<slug>), clearing it
+//     switches back to the layer shown before;
 //   * the dots follow the time slider (tile URLs carry the selected time);
 //   * state in the URL: obs, time, dataset, variable, zoom, center and the filters;
 //     reload restores it, Back / Forward step through selections and filter changes.
@@ -29,6 +32,8 @@
   var FILTER_KEYS = ["taxa", "months", "hours", "year"];
   var HISTORY_KEYS = ["obs", "time", "dataset", "variable"].concat(FILTER_KEYS);
   var DOTS_PATH = "/explore/observations/";
+  var VISION_GROUP = "observations-with-embeddings";
+  var SPECIES_DATASET = "grid_species";
   var PICK_RADIUS_PX = 8;
   var channel = "BroadcastChannel" in window ? new BroadcastChannel("deepearth") : null;
 
@@ -48,6 +53,9 @@
     selectionSeq: 0,
     clickBound: null,
     dotsUrl: null,
+    placesWanted: null, // the filters of the place list being fetched
+    layerBefore: null, // {dataset, variable, time} before a species layer was switched to
+    speciesLayer: null, // {dataset, variable} switched to by the species search
   };
   if (initial.get("reduxLog") === "1") {
     window.deepearthReduxLog = true;
@@ -282,9 +290,98 @@
     state.filters = next;
     dispatch({ type: "DEEPEARTH_FILTERS_CHANGED" }); // chartlets re-reads its @app inputs
     updateDotsLayer();
+    updatePlaces();
     renderBar();
     if (channel) channel.postMessage({ type: "filters", filters: filtersString(next), from: "viewer" });
     if (!fromHistory) syncUrl();
+  }
+
+  // -- the place list follows the filters -----------------------------------------------------
+  function visionGroupLoaded(st) {
+    var ds = st.dataState.datasets || [];
+    for (var i = 0; i < ds.length; i++) {
+      var groups = ds[i].placeGroups || [];
+      for (var j = 0; j < groups.length; j++) {
+        if (groups[j].id === VISION_GROUP && groups[j].features) return groups[j];
+      }
+    }
+    return null;
+  }
+
+  // Replace the loaded place group's features by those the dot filters keep.
+  function updatePlaces() {
+    if (!state.store) return;
+    var st = state.store.getState();
+    var group = visionGroupLoaded(st);
+    var key = dotsQuery(st);
+    if (!group || group.deepearthFilters === key || state.placesWanted === key) return;
+    state.placesWanted = key;
+    fetch(apiBase() + "/explore/places" + (key ? "?" + key : ""))
+      .then(function (r) { if (!r.ok) throw new Error("HTTP " + r.status); return r.json(); })
+      .then(function (res) {
+        if (state.placesWanted !== key) return; // the filters moved on
+        var now = visionGroupLoaded(state.store.getState()) || group;
+        var next = Object.assign({}, now, { features: res.features, deepearthFilters: key });
+        var dsId = state.store.getState().controlState.selectedDatasetId;
+        state.placesWanted = null;
+        dispatch({ type: "UPDATE_DATASET_PLACE_GROUP", datasetId: dsId, placeGroup: next });
+      })
+      .catch(function (err) {
+        state.placesWanted = null;
+        console.warn("DeepEarth: cannot narrow the place list", err);
+      });
+  }
+
+  // -- the species layer follows a search naming one species ---------------------------------
+  function datasetWith(st, variable) {
+    var ds = st.dataState.datasets || [];
+    var current = selectedDataset(st);
+    var order = [current].concat(ds.filter(function (d) { return d.id === SPECIES_DATASET; }), ds);
+    for (var i = 0; i < order.length; i++) {
+      var d = order[i];
+      if (d && (d.variables || []).some(function (v) { return v.name === variable; })) return d;
+    }
+    return null;
+  }
+
+  function showLayer(datasetId, variable, time) {
+    var st = state.store.getState();
+    if (st.controlState.selectedDatasetId !== datasetId) {
+      dispatch({ type: "SELECT_DATASET", selectedDatasetId: datasetId,
+                 datasets: st.dataState.datasets });
+    }
+    if (state.store.getState().controlState.selectedVariableName !== variable) {
+      dispatch({ type: "SELECT_VARIABLE", selectedVariableName: variable });
+    }
+    if (typeof time === "number") dispatch({ type: "SELECT_TIME", selectedTime: time });
+  }
+
+  // `layer`: /explore/count's species layer of the search (null: the search names no
+  // single species).
+  function followSpeciesLayer(layer) {
+    var st = state.store.getState();
+    var cs = st.controlState;
+    var shown = state.speciesLayer;
+    var stillShown = shown && cs.selectedDatasetId === shown.dataset &&
+      cs.selectedVariableName === shown.variable;
+    if (layer && layer.variable) {
+      var ds = datasetWith(st, layer.variable);
+      if (!ds) return;
+      if (stillShown && shown.variable === layer.variable && shown.dataset === ds.id) return;
+      if (!stillShown) {
+        state.layerBefore = { dataset: cs.selectedDatasetId, variable: cs.selectedVariableName,
+                              time: cs.selectedTime };
+      }
+      state.speciesLayer = { dataset: ds.id, variable: layer.variable };
+      consequently(function () { showLayer(ds.id, layer.variable, null); });
+      return;
+    }
+    if (stillShown && state.layerBefore) { // back to what was shown before the search
+      var b = state.layerBefore;
+      consequently(function () { showLayer(b.dataset, b.variable, b.time); });
+    }
+    state.speciesLayer = null;
+    state.layerBefore = null;
   }
 
   // -- the URL ------------------------------------------------------------------------------
@@ -307,22 +404,37 @@
     return p;
   }
 
+  // Run `change` (store dispatches) as a consequence of the last history entry: it
+  // replaces that entry, unless a write of a new one is still pending (it takes it along).
+  function consequently(change) {
+    var pending = syncTimer !== null;
+    change();
+    if (!pending) replaceNext = true;
+    syncUrl(true);
+  }
+
   function historyKey(p) {
     return HISTORY_KEYS.map(function (k) { return k + "=" + (p.get(k) || ""); }).join("&");
   }
 
   var syncTimer = null;
-  function syncUrl() {
-    if (!state.store || !state.restored || state.applying) return;
+  var replaceNext = false;
+  // Write the state into the URL: a new history entry when it moved (selection, time,
+  // layer, filters), else the current one replaced. `consequence` (see consequently):
+  // the change follows from the last entry (the species layer of a filter).
+  function syncUrl(consequence) {
+    if (!state.store || !state.restored || (state.applying && consequence !== true)) return;
     if (syncTimer) clearTimeout(syncTimer);
     syncTimer = setTimeout(function () {
       syncTimer = null;
-      if (state.applying) return;
+      var replace = replaceNext;
+      replaceNext = false;
+      if (state.applying && !replace) return;
       var p = currentParams(state.store.getState());
       var url = window.location.pathname + "?" + p.toString() + window.location.hash;
       if (url === window.location.pathname + window.location.search + window.location.hash) return;
       var key = historyKey(p);
-      if (state.lastHistoryKey !== null && key !== state.lastHistoryKey) {
+      if (!replace && state.lastHistoryKey !== null && key !== state.lastHistoryKey) {
         window.history.pushState({ deepearth: true }, "", url);
       } else {
         window.history.replaceState({ deepearth: true }, "", url);
@@ -532,6 +644,7 @@
         out.textContent = res.j.observations.toLocaleString("en") + " dots · " +
           res.j.species.toLocaleString("en") + " species";
         out.setAttribute("data-observations", String(res.j.observations));
+        followSpeciesLayer(res.j.layer || null);
       })
       .catch(function () { out.textContent = ""; });
   }
@@ -559,6 +672,7 @@
     bindMap();
     buildFilterBar();
     updateDotsLayer();
+    updatePlaces();
     var stepKey = st.controlState.selectedTime + "|" + st.controlState.selectedDatasetId;
     if (stepKey !== state.lastStep) {
       state.lastStep = stepKey;

@@ -30,6 +30,7 @@ from .common import (
     api_url,
     cluster_text,
     deepearth,
+    filter_params,
     filters_query,
     filters_text,
     fmt_time,
@@ -287,10 +288,13 @@ def update_info(ctx, picked: dict | None = None, view: str | None = "species",
     return "\n\n".join(lines)
 
 
-@panel.callback(Input("@app", "selectedPlaceId"), Output("emb_link", "text"))
+@panel.callback(Input("@app", "selectedPlaceId"), Input("@app", FILTERS),
+                Output("emb_link", "text"))
 @guarded(lambda text: text)
-def update_link(ctx, place_id: str | None = None) -> str:
+def update_link(ctx, place_id: str | None = None, filters: str | None = None) -> str:
+    """The link to the 3-D page, at the selection and with the filters (the page then
+    follows the viewer in the same browser)."""
     gbif_id = selected_gbif_id(place_id)
     target = url(ctx, f"{PAGES_PREFIX}/embedding-space.html",
-                 gbif_id=gbif_id if gbif_id is not None else None)
+                 gbif_id=gbif_id if gbif_id is not None else None, **filter_params(filters))
     return f"[Open the full 3-D embedding space]({target}) (new tab)"
