@@ -48,9 +48,12 @@ def version_prefix(version: str | None) -> tuple[str, ...]:
 
 
 def new_version_id(now: dt.datetime | None = None) -> str:
-    """A sortable, unique version id: ``20261201T213000Z-1a2b3c``."""
+    """A sortable, unique version id: ``20261201T213000123Z-1a2b3c`` (UTC, milliseconds).
+
+    Milliseconds keep two publishes within one second in order (the name sorts by time).
+    """
     now = now or dt.datetime.now(dt.UTC)
-    return f"{now.strftime('%Y%m%dT%H%M%S')}Z-{secrets.token_hex(3)}"
+    return f"{now.strftime('%Y%m%dT%H%M%S')}{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
 
 
 def read_root(target: Target) -> dict | None:

@@ -81,7 +81,7 @@ def test_gc_keeps_the_newest_and_the_current(local):
     target = Target(str(local))
     base = str(current_dir(local))
     ids = [CubeSet.open(str(local)).version] + [publish_marked(target, base, k) for k in (1, 2)]
-    (local / "versions" / "20000101T000000Z-dead00").mkdir()  # an unfinished publish
+    (local / "versions" / "20000101T000000000Z-dead00").mkdir()  # an unfinished publish
     out = _cli("gc", str(local), "--keep", "2", "--quiet")
     assert out.returncode == 0, out.stderr
     left = sorted(p.name for p in (local / "versions").iterdir())
