@@ -6,6 +6,8 @@ the ``deepearth serve`` config on a loopback port, and measured:
 
 * one full (8, 24, 24, 1408) float16 tensor over HTTP (``.npy``, decoded) vs
   ``CubeSet.features`` in-process;
+* the same tensor as raw bytes (``format=raw``) vs a static file server (python's
+  ``http.server``) sending the embedding's chunk file (the same bytes), same client;
 * an attention PNG (384 x 384, parameters varied so no request hits the PNG cache) vs
   ``CubeSet.attention`` + ``server.render.attention_png`` in-process;
 * similarity top-10 over all pooled vectors (exact cosine) vs plain numpy brute force;
@@ -24,7 +26,10 @@ import io
 import itertools
 import os
 import shutil
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -72,6 +77,29 @@ def median_ms(fn, repeats: int) -> float:
         fn(i)
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def static_server(root: str):
+    """python's ``http.server`` serving ``root`` on a loopback port: (process, base URL)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                             "127.0.0.1", "--directory", root],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            requests.get(base + "/", timeout=1)
+            return proc, base
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("http.server did not start")
 
 
 def throughput(base: str, requests_list: list[str], clients: int, seconds: float) -> float:
@@ -141,6 +169,37 @@ def main(argv: list[str] | None = None) -> str:
         rows.append((f"one full tensor, float16 ({nbytes / 2**20:.1f} MiB)",
                      median_ms(http_tensor, args.repeats),
                      median_ms(local_tensor, args.repeats), "CubeSet.features in-process"))
+
+        # 1b. the same bytes: our raw format vs a static file server sending the chunk file
+        root = str(cubes)
+        chunk = [os.path.relpath(cs.raw_chunk_path(i), root) for i in range(n)]
+        proc, static = static_server(root)
+        try:
+            def http_raw(i):
+                gid, num = ids[i % n]
+                r = session.get(f"{api}/embeddings/{gid}/{num}/features",
+                                params={"format": "raw"})
+                r.raise_for_status()
+                assert len(r.content) == nbytes
+
+            def static_file(i):
+                r = session.get(f"{static}/{chunk[i % n]}")
+                r.raise_for_status()
+                assert len(r.content) == nbytes
+
+            for i in range(4):  # warm both (page cache, connections)
+                http_raw(i)
+                static_file(i)
+            raw_ms, static_ms = [], []
+            for _ in range(3):  # interleaved rounds: both sides see the same machine
+                raw_ms.append(median_ms(http_raw, args.repeats))
+                static_ms.append(median_ms(static_file, args.repeats))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        rows.append((f"one full tensor, raw float16 ({nbytes / 2**20:.1f} MiB)",
+                     statistics.median(raw_ms), statistics.median(static_ms),
+                     "http.server sending the chunk file"))
 
         # 2. attention PNG (distinct parameters every time: no cache hits)
         combos = [(i, m, f) for m in methods for f in frames for i in range(n)]
