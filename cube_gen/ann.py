@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +35,15 @@ from .errors import CubeError
 EXACT_BELOW = 50_000       # rows: below this, exact search (a matrix-vector product)
 EXACT_SUBSET = 20_000      # a filter leaving at most this many rows is searched exactly
 SIMILARITY_PATH = "similarity.zarr"
-INDEX_FORMAT = 1
+INDEX_KIND = "hnsw"
+INDEX_FORMAT = 2          # 1: PCA -> IVF-Flat (recall-limited, no longer read); 2: HNSW
+EF_SEARCH = 256           # HNSW beam width per query (at least the candidates asked for)
+EF_FILTER_MAX = 1024      # the widest beam a selective filter gets
 _CHUNK_BYTES = 64 << 20
+
+
+class OutdatedIndex(CubeError):
+    """A ``similarity.zarr`` written in an older index format (rebuilt in memory on open)."""
 
 
 def _faiss():
@@ -53,53 +61,57 @@ def unit(vectors: np.ndarray) -> np.ndarray:
 
 @dataclass
 class VectorIndex:
-    """A FAISS ``PCA -> IVF-Flat`` index of unit rows; :meth:`candidates` for a query."""
+    """A FAISS ``PCA -> HNSW-Flat`` graph of unit rows; :meth:`candidates` for a query."""
 
     index: Any
     n: int
     dims: int
-    nlist: int
-    nprobe: int = 32
+    ef_search: int = EF_SEARCH
     attrs: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, dims: int = 128, nlist: int | None = None,
-              nprobe: int = 32, train_size: int = 50_000, seed: int = 0,
-              batch: int = 65_536) -> VectorIndex:
-        """Train on a random sample of ``train_size`` rows and add every row, in batches."""
+    def build(cls, vectors: np.ndarray, dims: int = 64, m: int = 32,
+              ef_construction: int = 80, ef_search: int = EF_SEARCH, train_size: int = 50_000,
+              seed: int = 0, batch: int = 65_536) -> VectorIndex:
+        """PCA trained on a random sample of ``train_size`` rows; every row added, in batches."""
         faiss = _faiss()
         n, d = vectors.shape
-        dims = int(min(dims, d))
-        nlist = int(min(nlist or min(4096, max(16, round(2 * math.sqrt(n)))), n))
         rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(n, size=min(n, max(train_size, 30 * nlist)), replace=False))
+        sample = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
+        dims = int(min(dims, d, len(sample)))  # PCA outputs at most as many as it saw
         t0 = time.perf_counter()
         pca = faiss.PCAMatrix(d, dims, 0, False)
-        ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(dims), dims, nlist, faiss.METRIC_L2)
-        ivf.cp.seed = seed
-        index = faiss.IndexPreTransform(pca, ivf)
+        hnsw = faiss.IndexHNSWFlat(dims, int(m), faiss.METRIC_L2)
+        hnsw.hnsw.efConstruction = int(ef_construction)
+        hnsw.hnsw.efSearch = int(ef_search)
+        index = faiss.IndexPreTransform(pca, hnsw)
         index.train(unit(vectors[sample]))
         t1 = time.perf_counter()
         for lo in range(0, n, batch):
             index.add(unit(vectors[lo:lo + batch]))
-        attrs = {"library": "faiss", "factory": f"PCA{dims},IVF{nlist},Flat", "metric": "L2 of unit vectors",
-                 "n": int(n), "features": int(d), "dims": dims, "nlist": nlist, "nprobe": nprobe,
-                 "train_rows": int(len(sample)), "train_seconds": round(t1 - t0, 2),
+        attrs = {"library": "faiss", "factory": f"PCA{dims},HNSW{m},Flat",
+                 "metric": "L2 of PCA-projected unit vectors", "n": int(n), "features": int(d),
+                 "dims": dims, "hnsw_m": int(m), "ef_construction": int(ef_construction),
+                 "ef_search": int(ef_search), "train_rows": int(len(sample)),
+                 "train_seconds": round(t1 - t0, 2),
                  "add_seconds": round(time.perf_counter() - t1, 2),
                  "index_format": INDEX_FORMAT}
-        return cls(index, int(n), dims, nlist, nprobe, attrs)
+        return cls(index, int(n), dims, int(ef_search), attrs)
 
     def candidates(self, query: np.ndarray, n: int, allowed: np.ndarray | None = None,
-                   nprobe: int | None = None) -> np.ndarray:
+                   ef_search: int | None = None) -> np.ndarray:
         """Up to ``n`` row numbers near ``query`` (approximate order), all within ``allowed``.
 
-        A mask allowing a fraction f of the rows probes about nprobe / f lists (at most
-        8 x nprobe), so that about as many allowed rows are scanned as without a filter.
+        The graph is walked with a beam of ``max(ef_search, n)`` nodes; a mask allowing a
+        fraction f of the rows (``IDSelectorBitmap``: disallowed rows are walked through but
+        never returned) widens the beam to ``ef_search / sqrt(f)`` (at most
+        :data:`EF_FILTER_MAX`).
         """
         faiss = _faiss()
         q = unit(np.asarray(query, np.float32).reshape(1, -1))
-        nprobe = int(nprobe or self.nprobe)
+        n = int(min(n, self.n))
+        ef = int(ef_search or self.ef_search)
         bits = selector = None
         if allowed is not None:
             allowed = np.asarray(allowed, bool)
@@ -111,12 +123,12 @@ class VectorIndex:
             if frac < 1.0:
                 bits = np.packbits(allowed, bitorder="little")
                 selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(bits))
-                nprobe = int(min(self.nlist, 8 * nprobe, math.ceil(nprobe / frac)))
+                ef = int(min(max(EF_FILTER_MAX, ef), math.ceil(ef / math.sqrt(frac))))
         params = faiss.SearchParametersPreTransform()
-        params.index_params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe) \
-            if selector is not None else faiss.SearchParametersIVF(nprobe=nprobe)
+        params.index_params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(ef, n)) \
+            if selector is not None else faiss.SearchParametersHNSW(efSearch=max(ef, n))
         with self._lock:  # the parameters hold raw pointers into ``bits``
-            _, ids = self.index.search(q, int(min(n, self.n)), params=params)
+            _, ids = self.index.search(q, n, params=params)
         del bits
         ids = ids[0]
         return ids[ids >= 0].astype(np.int64)
@@ -127,8 +139,8 @@ class VectorIndex:
     @classmethod
     def from_bytes(cls, blob: np.ndarray, attrs: dict[str, Any]) -> VectorIndex:
         index = _faiss().deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
-        return cls(index, int(attrs["n"]), int(attrs["dims"]), int(attrs["nlist"]),
-                   int(attrs.get("nprobe", 32)), dict(attrs))
+        return cls(index, int(attrs["n"]), int(attrs["dims"]),
+                   int(attrs.get("ef_search", EF_SEARCH)), dict(attrs))
 
 
 def search(unit_rows: np.ndarray, query: np.ndarray, k: int, index: VectorIndex | None = None,
@@ -163,7 +175,7 @@ def write_similarity(url: str, storage_options: dict[str, Any] | None,
     from .store import zarr_store
 
     group = zarr.open_group(zarr_store(url, storage_options), mode="w", zarr_format=3)
-    attrs = {**attrs, "kind": "ivf" if index is not None else "exact",
+    attrs = {**attrs, "kind": INDEX_KIND if index is not None else "exact",
              "exact_below": EXACT_BELOW, "index_format": INDEX_FORMAT}
     if index is not None:
         blob = index.to_bytes()
@@ -191,11 +203,13 @@ def read_similarity(url: str, storage_options: dict[str, Any] | None = None
     except (FileNotFoundError, KeyError):
         return None
     attrs = dict(group.attrs)
-    if attrs.get("kind") != "ivf":
+    if attrs.get("kind") not in (INDEX_KIND, "ivf"):  # "ivf": format 1
         return None
     if attrs.get("index_format") != INDEX_FORMAT:
-        raise CubeError(f"{url}: similarity index format {attrs.get('index_format')!r}, "
-                        f"expected {INDEX_FORMAT}")
+        raise OutdatedIndex(
+            f"{url}: similarity index format {attrs.get('index_format')!r} "
+            f"({attrs.get('factory', attrs.get('kind'))}), this version reads format "
+            f"{INDEX_FORMAT} (PCA -> HNSW), which the next build of the cube set writes")
     blob = np.asarray(group["index"][:], np.uint8)
     if blob.nbytes != attrs.get("index_bytes"):
         raise CubeError(f"{url}/index: {blob.nbytes} bytes, expected {attrs.get('index_bytes')}")
@@ -203,7 +217,7 @@ def read_similarity(url: str, storage_options: dict[str, Any] | None = None
 
 
 def build_stage(ctx) -> dict[str, Any]:
-    """The ``similarity`` stage: an IVF index of the pooled vectors above :data:`EXACT_BELOW`."""
+    """The ``similarity`` stage: an HNSW index of the pooled vectors above :data:`EXACT_BELOW`."""
     pooled = ctx.results["vision"]
     n = len(pooled)
     index = VectorIndex.build(pooled) if n >= EXACT_BELOW else None
@@ -213,7 +227,7 @@ def build_stage(ctx) -> dict[str, Any]:
     if ctx.progress:
         from tqdm.auto import tqdm
 
-        tqdm.write(f"[similarity] {'IVF index' if index is not None else 'exact search'} "
+        tqdm.write(f"[similarity] {'HNSW index' if index is not None else 'exact search'} "
                    f"for {n} embeddings")
     return attrs
 
@@ -227,8 +241,17 @@ def register_similarity_stage() -> None:
 
 
 def open_similarity(cs) -> VectorIndex | None:
-    """The cube set's pooled-vector index (None: exact search), loaded once per cube set."""
+    """The cube set's pooled-vector index (None: exact search), loaded once per cube set.
+
+    An index in an older format (:class:`OutdatedIndex`) is rebuilt in memory from the
+    pooled vectors, with a warning: searches stay correct, and a rebuild of the cube set
+    stores the current format.
+    """
     def make():
-        return read_similarity(cs.cube_url(SIMILARITY_PATH), cs.storage_options)
+        try:
+            return read_similarity(cs.cube_url(SIMILARITY_PATH), cs.storage_options)
+        except OutdatedIndex as exc:
+            warnings.warn(f"{exc}; building one in memory", RuntimeWarning, stacklevel=2)
+            return VectorIndex.build(cs.pooled())
 
     return cs.memo(("ann", "similarity"), make)
