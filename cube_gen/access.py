@@ -31,7 +31,7 @@ import zarr
 
 from . import schema as S
 from .chunkio import LOCAL_THREADS, REMOTE_THREADS, RawLayout, raw_layout, zarr_runs
-from .errors import NotFoundError
+from .errors import NotFoundError, NotMaterialised
 from .integrity import CheckedStore, sub_inventory
 from .query import SPLIT_NAMES, Page, Query, mask, paginate
 from .release import resolve
@@ -446,6 +446,31 @@ class CubeSet:
                                 + (f" (item {k} of the batch)" if images.ndim and len(images) > 1
                                    else ""), parameter="image", value=int(images[k]))
 
+    @property
+    def simulated(self) -> dict | None:
+        """The manifest's ``simulated`` entry of a ``deepearth simulate`` cube set (scale,
+        materialised images), None for a cube set built from a real source."""
+        return self.manifest.get("simulated") or None
+
+    def check_materialised(self, images: Any, what: str = "features") -> None:
+        """Raise :class:`NotMaterialised` (a 404) for an image of a simulated cube set whose
+        ``features`` (or ``attention``) are not materialised; no-op for a real cube set."""
+        sim = self.simulated
+        if sim is None:
+            return
+        have = self._cached("materialised", lambda: np.asarray(
+            sorted(int(i) for i in sim.get("materialised", [])), np.int64))
+        images = np.asarray(images, dtype=np.int64).reshape(-1)
+        lost = np.flatnonzero(~np.isin(images, have))
+        if len(lost):
+            image = int(images[lost[0]])
+            ds = self._plain(S.VISION)
+            gid, num = int(ds.gbif_id.values[image]), int(ds.image_number.values[image])
+            raise NotMaterialised(
+                f"{what} not materialised in this simulated cube (gbif_id {gid}, image {num}; "
+                f"scale {sim.get('scale')}: {len(have)} of {ds.sizes['image']} images hold "
+                "full tensors)", parameter="image_number", value=num)
+
     def _out_for(self, lead: tuple[int, ...], frame: int | None, dtype, out: np.ndarray | None,
                  arr: zarr.Array) -> np.ndarray:
         if frame is not None and not 0 <= int(frame) < arr.shape[1]:
@@ -478,6 +503,7 @@ class CubeSet:
             raise TypeError(f"image must be an integer position, got {image!r}") from None
         if not 0 <= image < n:
             raise NotFoundError(f"image position {image} is out of range [0, {n})")
+        self.check_materialised([image])
         result = self._out_for((), frame, dtype, out, arr)
         layout = self.raw_layout()
         if layout is not None and layout.read([image], [result], frame):
@@ -501,6 +527,7 @@ class CubeSet:
         arr = self.features_array()
         images = np.asarray(images, dtype=np.int64).reshape(-1)
         self.check_images(images, arr.shape[0])
+        self.check_materialised(images)
         result = self._out_for((len(images),), frame, dtype, out, arr)
         if len(images) == 0:
             return result
@@ -541,6 +568,7 @@ class CubeSet:
         if str(frame) not in S.ATTENTION_FRAMES:
             raise ValueError(f"frame must be one of {', '.join(S.ATTENTION_FRAMES)}")
         arr = self._zarr_array(S.VISION, "attention")
+        self.check_materialised([image], "attention")
         return arr[image, S.ATTENTION_METHODS.index(method), S.ATTENTION_FRAMES.index(str(frame))]
 
     def umap_rgb(self, image: int) -> np.ndarray | None:

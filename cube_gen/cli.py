@@ -19,7 +19,7 @@ from typing import Any
 from .errors import DeepEarthError, UsageError
 
 # modules adding subcommands: add yours here (a module with add_commands(sub))
-COMMAND_MODULES = ("cube_gen.release_cli", "cube_gen.ml_cli")
+COMMAND_MODULES = ("cube_gen.release_cli", "cube_gen.ml_cli", "cube_gen.simulate_cli")
 
 
 def storage_options(args: argparse.Namespace) -> dict[str, Any]:

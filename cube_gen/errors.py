@@ -78,6 +78,12 @@ class NotFoundError(DeepEarthError, KeyError):
         return str(self.args[0]) if self.args else "not found"
 
 
+class NotMaterialised(NotFoundError):
+    """Data a simulated cube set (``deepearth simulate``) does not hold: its full feature
+    tensors and attention maps exist only for a sample of the images (the manifest's
+    ``simulated.materialised``). Answered 404, never zeros."""
+
+
 class ChunkError(CubeError):
     """A chunk (or other object) of a cube cannot be used as data.
 

@@ -203,6 +203,21 @@ def _current(target: Target) -> Resolved | None:
     return res if res.version is not None else None
 
 
+def read_tables(source: SourceDataset, stage: _Stage, check_files: bool = True
+                ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, tuple[float, ...]]:
+    """The read stage: the validated source as ordered tables ``(obs, images, species,
+    bbox)`` (``check_files``: see :meth:`SourceDataset.read_vision_index`)."""
+    obs_raw = source.read_observations()
+    vindex = source.read_vision_index(obs_raw, check_files=check_files)
+    language = source.read_species_language()
+    stage.done(f"({len(obs_raw)} observations, {len(vindex)} embeddings)")
+    species = species_table(obs_raw, language)
+    bbox = (float(obs_raw.longitude.min()), float(obs_raw.latitude.min()),
+            float(obs_raw.longitude.max()), float(obs_raw.latitude.max()))
+    obs = order_observations(obs_raw, species, bbox)
+    return obs, order_images(vindex, obs), species, bbox
+
+
 def run_recipe(recipe: Recipe, progress: bool = True) -> str:
     """Build (or finish building) the cube set of ``recipe``; returns the target URL.
 
@@ -229,15 +244,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> str:
         return target.url
 
     # read and validate the whole source before touching the target
-    obs_raw = source.read_observations()
-    vindex = source.read_vision_index(obs_raw)
-    language = source.read_species_language()
-    stage.done(f"({len(obs_raw)} observations, {len(vindex)} embeddings)")
-    species = species_table(obs_raw, language)
-    bbox = (float(obs_raw.longitude.min()), float(obs_raw.latitude.min()),
-            float(obs_raw.longitude.max()), float(obs_raw.latitude.max()))
-    obs = order_observations(obs_raw, species, bbox)
-    images = order_images(vindex, obs)
+    obs, images, species, bbox = read_tables(source, stage)
     digests = row_digests(images, files, recipe.cubes["vision"]["dtype"])
     ctx = BuildContext(recipe, target, fingerprint, progress, {
         "obs": obs, "images": images, "species": species, "bbox": bbox,
@@ -332,6 +339,66 @@ def _grid_outputs(recipe: Recipe) -> tuple[str, ...]:
 
 
 # -- vision --------------------------------------------------------------------------------
+def vision_template(recipe: Recipe, images: pd.DataFrame) -> tuple[xr.Dataset, dict]:
+    """The lazy ``vision.zarr`` dataset of the ordered image table and its encoding
+    (written with ``compute=False``; the vision stage fills it)."""
+    cfg = recipe.cubes["vision"]
+    n = len(images)
+    shard = cfg["shards"]
+    coords = {
+        "gbif_id": images.gbif_id.to_numpy(np.int64),
+        "image_number": images.image_number.to_numpy(np.int16),
+        "time": images.time.to_numpy("datetime64[ns]"),
+        "lat": images.lat.to_numpy(np.float64),
+        "lon": images.lon.to_numpy(np.float64),
+    }
+    data = {
+        "obs_index": images.obs_index.to_numpy(np.int64),
+        "species_index": images.species_index.to_numpy(np.int32),
+        "split": images.split.to_numpy(np.int8),
+    }
+    lazy = ("features", "attention", "pooled", "umap", "umap_rgb",
+            *[f"stat_{k}" for k in S.IMAGE_STATS])
+    sizes = {"image": n, "frame": L.N_FRAMES, "patch_y": L.N_PATCH, "patch_x": L.N_PATCH,
+             "feature": L.N_FEATURES, "attention_method": len(S.ATTENTION_METHODS),
+             "attention_frame": len(S.ATTENTION_FRAMES), "umap_axis": 3, "rgb": 3}
+    dtypes = {"features": cfg["dtype"]}
+    ds = dataset_from_spec(S.VISION_VARS, coords, data, lazy, sizes, dtypes)
+    ds = ds.assign_coords(attention_method=_labels(S.ATTENTION_METHODS),
+                          attention_frame=_labels(S.ATTENTION_FRAMES),
+                          umap_axis=_labels(S.UMAP_AXES), rgb=_labels(S.RGB))
+    ds.attrs.update(_cube_attrs(recipe, S.VISION, {
+        "deepearth_status": "building",
+        "features_dtype": cfg["dtype"],
+    }))
+    chunks = {"features": (shard or 1, L.N_FRAMES, L.N_PATCH, L.N_PATCH, L.N_FEATURES),
+              "attention": (1, len(S.ATTENTION_METHODS), len(S.ATTENTION_FRAMES),
+                            L.N_PATCH, L.N_PATCH) if not shard else
+              (shard, len(S.ATTENTION_METHODS), len(S.ATTENTION_FRAMES), L.N_PATCH, L.N_PATCH),
+              "pooled": (min(cfg["pooled_chunk"], max(n, 1)), L.N_FEATURES)}
+    enc = encoding_for(ds, S.VISION_VARS, cfg, chunks, n_rows={"image": n})
+    if shard:
+        enc["features"]["shards"] = (shard, L.N_FRAMES, L.N_PATCH, L.N_PATCH, L.N_FEATURES)
+        enc["features"]["chunks"] = (1, L.N_FRAMES, L.N_PATCH, L.N_PATCH, L.N_FEATURES)
+    return ds, enc
+
+
+def finish_vision(group: zarr.Group, pooled: np.ndarray, stats: np.ndarray,
+                  umap_rgb: np.ndarray, cfg: dict) -> None:
+    """Write the per-image products gathered from every image (pooled vectors, their 3-D
+    projection, statistics, UMAP-RGB) into the staged ``vision.zarr`` and mark it complete."""
+    coords3, method = D.vision_projection(pooled)
+    group["pooled"][:] = pooled
+    group["umap"][:] = coords3
+    group["umap_rgb"][:] = umap_rgb
+    for i, k in enumerate(S.IMAGE_STATS):
+        group[f"stat_{k}"][:] = stats[:, i]
+    group["umap"].attrs["projection_method"] = method
+    group["umap_rgb"].attrs["computed"] = bool(cfg["umap_rgb"])
+    group.attrs["deepearth_status"] = "complete"
+    zarr.consolidate_metadata(group.store)
+
+
 def build_vision(recipe: Recipe, target: Target, images: pd.DataFrame, species: pd.DataFrame,
                  progress: bool, ctx: BuildContext | None = None) -> np.ndarray:
     stage = _Stage("vision", progress)
@@ -348,41 +415,7 @@ def build_vision(recipe: Recipe, target: Target, images: pd.DataFrame, species: 
     if template is None or template.attrs.get("deepearth_recipe") != fingerprint:
         target.remove(target.staging(name))
         target.remove(target.staging("vision.parts"))
-        coords = {
-            "gbif_id": images.gbif_id.to_numpy(np.int64),
-            "image_number": images.image_number.to_numpy(np.int16),
-            "time": images.time.to_numpy("datetime64[ns]"),
-            "lat": images.lat.to_numpy(np.float64),
-            "lon": images.lon.to_numpy(np.float64),
-        }
-        data = {
-            "obs_index": images.obs_index.to_numpy(np.int64),
-            "species_index": images.species_index.to_numpy(np.int32),
-            "split": images.split.to_numpy(np.int8),
-        }
-        lazy = ("features", "attention", "pooled", "umap", "umap_rgb",
-                *[f"stat_{k}" for k in S.IMAGE_STATS])
-        sizes = {"image": n, "frame": L.N_FRAMES, "patch_y": L.N_PATCH, "patch_x": L.N_PATCH,
-                 "feature": L.N_FEATURES, "attention_method": len(S.ATTENTION_METHODS),
-                 "attention_frame": len(S.ATTENTION_FRAMES), "umap_axis": 3, "rgb": 3}
-        dtypes = {"features": cfg["dtype"]}
-        ds = dataset_from_spec(S.VISION_VARS, coords, data, lazy, sizes, dtypes)
-        ds = ds.assign_coords(attention_method=_labels(S.ATTENTION_METHODS),
-                              attention_frame=_labels(S.ATTENTION_FRAMES),
-                              umap_axis=_labels(S.UMAP_AXES), rgb=_labels(S.RGB))
-        ds.attrs.update(_cube_attrs(recipe, S.VISION, {
-            "deepearth_status": "building",
-            "features_dtype": cfg["dtype"],
-        }))
-        chunks = {"features": (shard or 1, L.N_FRAMES, L.N_PATCH, L.N_PATCH, L.N_FEATURES),
-                  "attention": (1, len(S.ATTENTION_METHODS), len(S.ATTENTION_FRAMES),
-                                L.N_PATCH, L.N_PATCH) if not shard else
-                  (shard, len(S.ATTENTION_METHODS), len(S.ATTENTION_FRAMES), L.N_PATCH, L.N_PATCH),
-                  "pooled": (min(cfg["pooled_chunk"], max(n, 1)), L.N_FEATURES)}
-        enc = encoding_for(ds, S.VISION_VARS, cfg, chunks, n_rows={"image": n})
-        if shard:
-            enc["features"]["shards"] = (shard, L.N_FRAMES, L.N_PATCH, L.N_PATCH, L.N_FEATURES)
-            enc["features"]["chunks"] = (1, L.N_FRAMES, L.N_PATCH, L.N_PATCH, L.N_FEATURES)
+        ds, enc = vision_template(recipe, images)
         write_dataset(ds, staged_url, target.storage_options, enc, cfg["zarr_format"],
                       compute=False)
 
@@ -423,17 +456,8 @@ def build_vision(recipe: Recipe, target: Target, images: pd.DataFrame, species: 
 
     parts = load_parts(parts_url, target.storage_options, n, L.N_FEATURES, L.N_PATCH)
     pooled = parts["pooled"]
-    coords3, method = D.vision_projection(pooled)
     group = zarr.open_group(zarr_store(staged_url, target.storage_options), mode="r+")
-    group["pooled"][:] = pooled
-    group["umap"][:] = coords3
-    group["umap_rgb"][:] = parts["umap_rgb"]
-    for i, k in enumerate(S.IMAGE_STATS):
-        group[f"stat_{k}"][:] = parts["stats"][:, i]
-    group["umap"].attrs["projection_method"] = method
-    group["umap_rgb"].attrs["computed"] = bool(cfg["umap_rgb"])
-    group.attrs["deepearth_status"] = "complete"
-    zarr.consolidate_metadata(group.store)
+    finish_vision(group, pooled, parts["stats"], parts["umap_rgb"], cfg)
     target.remove(target.staging("vision.parts"))
     stage.done(f"({n} embeddings)")
     return pooled

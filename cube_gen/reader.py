@@ -180,12 +180,14 @@ class SourceDataset:
         return pd.DataFrame(rows, columns=["taxon_id", "taxon_name", "language_embedding"])
 
     # -- vision index --------------------------------------------------------------------
-    def read_vision_index(self, observations: pd.DataFrame | None = None) -> pd.DataFrame:
+    def read_vision_index(self, observations: pd.DataFrame | None = None,
+                          check_files: bool = True) -> pd.DataFrame:
         """The validated vision index with ``image_number`` added.
 
         ``image_number`` numbers the embeddings of one observation 0, 1, ... in
         (file_idx, row_idx) order; (gbif_id, image_number) identifies an embedding.
-        Checks that every row points at an existing file and row holding that gbif_id,
+        Checks that every row points at an existing file and row holding that gbif_id
+        (unless ``check_files`` is false: a simulated source without embedding files),
         and (given ``observations``) at a known observation.
         """
         if self._vision_index is not None and observations is None:
@@ -214,7 +216,7 @@ class SourceDataset:
                     file=file, row=row, column="gbif_id", expected="a gbif_id of an observation",
                 )
         # check every referenced file and row against the embedding files' own gbif_id column
-        for file_idx, group in df.groupby("file_idx", sort=True):
+        for file_idx, group in df.groupby("file_idx", sort=True) if check_files else ():
             rel = L.embedding_file_name(file_idx)
             if not self.fs.exists(self.path(rel)):
                 row = int(group.index[0])

@@ -340,7 +340,26 @@ def write_synthetic(out: str, preset: str | Preset = "tiny", seed: int = 0,
     return out
 
 
-def _write(root: str, p: Preset, seed: int, progress: bool) -> None:
+@dataclass
+class Plan:
+    """Everything drawn from the seed before any file is written (:func:`plan_dataset`)."""
+
+    species: pd.DataFrame
+    language: np.ndarray  # (species, 7168) float32
+    obs: pd.DataFrame  # one row per observation, ``sp`` its species row
+    urls: list
+    num_images: np.ndarray
+    vis_obs: np.ndarray  # observations with embeddings
+    vis_count: np.ndarray  # and how many each
+    signatures: np.ndarray  # (species, 1408) vision signature
+    emb_rows: list  # (observation row, image number) of every embedding, by observation
+    file_of: list  # embedding file of each entry of emb_rows
+    has_vision: np.ndarray
+    file_lists: list  # per observation: the embedding files holding its embeddings
+
+
+def plan_dataset(p: Preset, seed: int = 0) -> Plan:
+    """Draw the species, observations, images and embedding plan of a dataset."""
     rng = np.random.default_rng(seed)
     species = _species_table(rng, p.n_species)
     language = _language_embeddings(rng, species)
@@ -355,7 +374,6 @@ def _write(root: str, p: Preset, seed: int, progress: bool) -> None:
 
     # embeddings: ordered by observation, spread over files of embeddings_per_file rows
     emb_rows = [(int(o), k) for o, c in zip(vis_obs, vis_count, strict=True) for k in range(c)]
-    n_files = -(-len(emb_rows) // p.embeddings_per_file)
     file_of = [i // p.embeddings_per_file for i in range(len(emb_rows))]
     has_vision = np.zeros(len(obs), dtype=bool)
     has_vision[vis_obs] = True
@@ -363,27 +381,44 @@ def _write(root: str, p: Preset, seed: int, progress: bool) -> None:
     for (o, _), f in zip(emb_rows, file_of, strict=True):
         if f not in file_lists[o]:
             file_lists[o].append(f)
+    return Plan(species, language, obs, urls, num_images, vis_obs, vis_count, signatures,
+                emb_rows, file_of, has_vision, file_lists)
 
-    sp = obs.sp.to_numpy()
-    table = pa.table({
-        "gbif_id": pa.array(obs.gbif_id.to_numpy(), pa.int64()),
+
+def observation_table(plan: Plan, rows: np.ndarray | None = None) -> pa.Table:
+    """``observations.parquet`` rows (all, or the observation rows ``rows`` in that order)."""
+    obs, species = plan.obs, plan.species
+    idx = np.arange(len(obs)) if rows is None else np.asarray(rows, np.int64)
+    sp = obs.sp.to_numpy()[idx]
+    return pa.table({
+        "gbif_id": pa.array(obs.gbif_id.to_numpy()[idx], pa.int64()),
         "taxon_id": pa.array(species.taxon_id.to_numpy()[sp], pa.string()),
         "taxon_name": pa.array(species.taxon_name.to_numpy()[sp], pa.string()),
-        "latitude": pa.array(obs.latitude.to_numpy(), pa.float64()),
-        "longitude": pa.array(obs.longitude.to_numpy(), pa.float64()),
-        "year": pa.array(obs.year.to_numpy(), pa.int64()),
+        "latitude": pa.array(obs.latitude.to_numpy()[idx], pa.float64()),
+        "longitude": pa.array(obs.longitude.to_numpy()[idx], pa.float64()),
+        "year": pa.array(obs.year.to_numpy()[idx], pa.int64()),
         # missing time fields as parquet nulls, as pandas writes NaN (read back as NaN)
-        **{f: pa.array(obs[f].to_numpy(), pa.float64(), from_pandas=True)
+        **{f: pa.array(obs[f].to_numpy()[idx], pa.float64(), from_pandas=True)
            for f in L.TIME_FIELDS[1:]},
-        "image_urls": pa.array(urls, pa.list_(pa.string())),
-        "num_images": pa.array(num_images, pa.int64()),
-        "has_vision": pa.array(has_vision, pa.bool_()),
-        "vision_file_indices": pa.array(file_lists, pa.list_(pa.int64())),
+        "image_urls": pa.array([plan.urls[i] for i in idx], pa.list_(pa.string())),
+        "num_images": pa.array(plan.num_images[idx], pa.int64()),
+        "has_vision": pa.array(plan.has_vision[idx], pa.bool_()),
+        "vision_file_indices": pa.array([plan.file_lists[i] for i in idx],
+                                        pa.list_(pa.int64())),
         "language_embedding": pa.FixedSizeListArray.from_arrays(
-            pa.array(language[sp].ravel(), pa.float32()), L.LANGUAGE_DIM
+            pa.array(plan.language[sp].ravel(), pa.float32()), L.LANGUAGE_DIM
         ).cast(pa.list_(pa.float32())),
-        "split": pa.array(obs.split.to_numpy(), pa.string()),
+        "split": pa.array(obs.split.to_numpy()[idx], pa.string()),
     }, schema=L.OBSERVATIONS_SCHEMA)
+
+
+def _write(root: str, p: Preset, seed: int, progress: bool) -> None:
+    plan = plan_dataset(p, seed)
+    species, obs, emb_rows, file_of = plan.species, plan.obs, plan.emb_rows, plan.file_of
+    signatures = plan.signatures
+    n_files = -(-len(emb_rows) // p.embeddings_per_file)
+    sp = obs.sp.to_numpy()
+    table = observation_table(plan)
     pq.write_table(table, f"{root}/{L.OBSERVATIONS_FILE}", compression=p.compression,
                    row_group_size=4096)
     del table
