@@ -384,10 +384,13 @@ def vision_template(recipe: Recipe, images: pd.DataFrame) -> tuple[xr.Dataset, d
 
 
 def finish_vision(group: zarr.Group, pooled: np.ndarray, stats: np.ndarray,
-                  umap_rgb: np.ndarray, cfg: dict) -> None:
+                  umap_rgb: np.ndarray, cfg: dict,
+                  projection: tuple[np.ndarray, str] | None = None) -> None:
     """Write the per-image products gathered from every image (pooled vectors, their 3-D
-    projection, statistics, UMAP-RGB) into the staged ``vision.zarr`` and mark it complete."""
-    coords3, method = D.vision_projection(pooled)
+    projection, statistics, UMAP-RGB) into the staged ``vision.zarr`` and mark it complete.
+    ``projection``: ``(coords, method)`` computed elsewhere (default: the recipe's
+    :func:`cube_gen.derive.vision_projection`)."""
+    coords3, method = projection or D.vision_projection(pooled)
     group["pooled"][:] = pooled
     group["umap"][:] = coords3
     group["umap_rgb"][:] = umap_rgb

@@ -144,3 +144,18 @@ def test_http_answers_404_not_zeros(sim, cs, tmp_path):
         pooled = requests.get(f"{base}/{int(row.gbif_id)}/{int(row.image_number)}/pooled",
                               timeout=60)
         assert pooled.status_code == 200
+
+
+def test_approximate_projection_above_the_exact_limit(cs):
+    from cube_gen.simulate import approximate_projection
+
+    pooled = cs.pooled()
+    assert approximate_projection(pooled) is None  # small: the recipe's exact projection
+    coords, method = approximate_projection(pooled, exact_max=10)
+    assert coords.shape == (len(pooled), 3) and np.isfinite(coords).all()
+    assert "approximate" in method
+    # images of one species lie closer together than random pairs
+    sp = cs.image_table().species_index.to_numpy()
+    same = sp[:, None] == sp[None, :]
+    d = np.linalg.norm(coords[:, None] - coords[None, :], axis=-1)
+    assert d[same & ~np.eye(len(sp), dtype=bool)].mean() < d[~same].mean()
