@@ -75,7 +75,7 @@ def bbox_of(i: int) -> tuple[float, float, float, float]:
     return (round(w + d, 4), round(s + d / 2, 4), round(e + d, 4), round(n + d / 2, 4))
 
 
-def build(root: Path, scale: float, materialise: int) -> dict:
+def build(root: Path, scale: float, materialise: int, projection: str = "auto") -> dict:
     from cube_gen.simulate import simulate
 
     cubes = root / f"s{scale:g}"
@@ -84,9 +84,10 @@ def build(root: Path, scale: float, materialise: int) -> dict:
         return json.loads(info_path.read_text())
     t = time.perf_counter()
     rss0 = psutil.Process().memory_info().rss
-    res = simulate(str(cubes), scale, materialise, progress=True, overwrite=True)
+    res = simulate(str(cubes), scale, materialise, progress=True, overwrite=True,
+                   projection=projection)
     info = {"seconds": res["seconds"], "total_s": time.perf_counter() - t,
-            "counts": res["counts"], "max_rss_gb": _max_rss_gb(), "rss0_gb": rss0 / 2**30,
+            "counts": res["counts"], "projection": projection, "max_rss_gb": _max_rss_gb(), "rss0_gb": rss0 / 2**30,
             "bytes": {k: _du(p) for k, p in (("cubes", cubes), ("source", f"{cubes}-source"))}}
     info_path.write_text(json.dumps(info, indent=2))
     return info
@@ -300,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build", action="store_true", help="build missing sets")
     ap.add_argument("--build-only", action="store_true", help="build missing sets and stop")
     ap.add_argument("--materialise", type=int, default=32)
+    ap.add_argument("--projection", default="auto", help="deepearth simulate --projection")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--umap-repeats", type=int, default=3)
     ap.add_argument("--tile-repeats", type=int, default=30)
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         cubes = root / f"s{scale:g}"
         if not (cubes / "cubeset.json").exists() and not (args.build or args.build_only):
             raise SystemExit(f"{cubes} missing: pass --build")
-        b = build(root, scale, args.materialise)
+        b = build(root, scale, args.materialise, args.projection)
         print(f"[scale {scale:g}] built: {json.dumps(b['seconds'])}", flush=True)
         if args.build_only:
             continue

@@ -161,6 +161,29 @@ def simulated_pooled(plan: Plan, species_rows: np.ndarray, seed: int,
     return out
 
 
+def pca_projection(pooled: np.ndarray) -> tuple[np.ndarray, str]:
+    """First three principal components of the pooled vectors (``--projection pca``)."""
+    from .embedding_math import _pca_scores
+
+    return _pca_scores(np.asarray(pooled, np.float32), 3)[:, :3].astype(np.float32), "pca"
+
+
+PROJECTIONS = ("auto", "recipe", "approximate", "pca")
+
+
+def vision_projection(pooled: np.ndarray, how: str = "auto") -> tuple[np.ndarray, str] | None:
+    """The whole-set vision projection: ``recipe`` (exact, None: computed by
+    :func:`cube_gen.pipeline.finish_vision`), ``approximate`` (:func:`approximate_projection`),
+    ``pca`` or ``auto`` (recipe up to :data:`EXACT_UMAP_MAX` images, approximate above)."""
+    if how not in PROJECTIONS:
+        raise UsageError(f"--projection must be one of {', '.join(PROJECTIONS)}, got {how!r}")
+    if how == "pca":
+        return pca_projection(pooled)
+    if how == "recipe":
+        return None
+    return approximate_projection(pooled, EXACT_UMAP_MAX if how == "auto" else 0)
+
+
 def approximate_projection(pooled: np.ndarray, exact_max: int = EXACT_UMAP_MAX,
                            seed: int = 42) -> tuple[np.ndarray, str] | None:
     """The vision UMAP from approximate neighbours above ``exact_max`` images, else None
@@ -202,7 +225,8 @@ def approximate_projection(pooled: np.ndarray, exact_max: int = EXACT_UMAP_MAX,
     return coords.astype(np.float32), "umap (approximate neighbours: HNSW over PCA-64)"
 
 
-def build_vision(ctx: BuildContext, plan: Plan, materialise: int, seed: int) -> np.ndarray:
+def build_vision(ctx: BuildContext, plan: Plan, materialise: int, seed: int,
+                 projection: str = "auto") -> np.ndarray:
     """The simulated vision stage (the recipe's template; see the module docstring)."""
     stage = _Stage("vision", ctx.progress)
     cfg = ctx.recipe.cubes["vision"]
@@ -246,7 +270,7 @@ def build_vision(ctx: BuildContext, plan: Plan, materialise: int, seed: int) -> 
             "the manifest (cubeset.json: simulated.materialised); other chunks are absent")
     for name in ("features", "attention"):
         group[name].attrs["simulated"] = note
-    finish_vision(group, pooled, stats, rgb, cfg, approximate_projection(pooled))
+    finish_vision(group, pooled, stats, rgb, cfg, vision_projection(pooled, projection))
     stage.done(f"({n} embeddings, {len(chosen)} materialised)")
     ctx.results["materialised"] = chosen
     return pooled
@@ -267,7 +291,7 @@ def simulation_recipe(source: str, out: str, recipe_path: str | os.PathLike = RE
 
 def simulate(out: str, scale: float, materialise: int = 32, seed: int = 0,
              source: str | None = None, progress: bool = True,
-             overwrite: bool = False) -> dict[str, Any]:
+             overwrite: bool = False, projection: str = "auto") -> dict[str, Any]:
     """Write a simulated source and cube set; returns the manifest summary and the stage
     timings (seconds) under ``seconds``."""
     out = os.path.abspath(out)
@@ -303,7 +327,7 @@ def simulate(out: str, scale: float, materialise: int = 32, seed: int = 0,
     for st in plan_stages:
         t = time.perf_counter()
         if st.name == "vision":
-            ctx.results["vision"] = build_vision(ctx, plan, materialise, seed)
+            ctx.results["vision"] = build_vision(ctx, plan, materialise, seed, projection)
         else:
             ctx.results[st.name] = st.build(ctx)
         STAGE_SECONDS[st.name] = time.perf_counter() - t
@@ -323,7 +347,7 @@ def simulate(out: str, scale: float, materialise: int = 32, seed: int = 0,
         "stages": [s.name for s in plan_stages],
         "source_version": "0.2.0 (simulated)",
         "simulated": {
-            "scale": scale, "seed": seed, "source": source,
+            "scale": scale, "seed": seed, "source": source, "projection": projection,
             "materialised": materialised,
             "note": "full features and attention maps exist only for the image positions "
                     "in 'materialised'; every reader answers the others with 'features not "

@@ -12,7 +12,8 @@ def _cmd_simulate(args) -> int:
     if storage_options(args) or "://" in args.out:
         raise UsageError("simulate writes a local folder; copy it to object storage afterwards")
     result = simulate(args.out, args.scale, args.materialise, args.seed, args.source,
-                      progress=not args.quiet, overwrite=args.overwrite)
+                      progress=not args.quiet, overwrite=args.overwrite,
+                      projection=args.projection)
     c = result["counts"]
     took = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
     print(f"simulated cube set (scale {args.scale}: {c['observations']} observations, "
@@ -30,6 +31,10 @@ def add_commands(sub) -> None:
     p.add_argument("--materialise", type=int, default=32, metavar="K",
                    help="images with full feature tensors and attention maps (default 32)")
     p.add_argument("--source", help="simulated source folder (default: OUT-source)")
+    p.add_argument("--projection", default="auto",
+                   choices=("auto", "recipe", "approximate", "pca"),
+                   help="whole-set vision UMAP: the recipe's (exact k-NN, O(n^2)), approximate "
+                        "neighbours, or PCA; auto: the recipe's up to 100,000 images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace existing folders")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -147,10 +147,15 @@ def test_http_answers_404_not_zeros(sim, cs, tmp_path):
 
 
 def test_approximate_projection_above_the_exact_limit(cs):
-    from cube_gen.simulate import approximate_projection
+    from cube_gen.errors import UsageError
+    from cube_gen.simulate import approximate_projection, vision_projection
 
     pooled = cs.pooled()
     assert approximate_projection(pooled) is None  # small: the recipe's exact projection
+    assert vision_projection(pooled, "auto") is None and vision_projection(pooled, "recipe") is None
+    assert vision_projection(pooled, "pca")[0].shape == (len(pooled), 3)
+    with pytest.raises(UsageError, match="--projection"):
+        vision_projection(pooled, "tsne")
     coords, method = approximate_projection(pooled, exact_max=10)
     assert coords.shape == (len(pooled), 3) and np.isfinite(coords).all()
     assert "approximate" in method
