@@ -306,11 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--umap-repeats", type=int, default=3)
     ap.add_argument("--tile-repeats", type=int, default=30)
     ap.add_argument("--out", help="also write the markdown here")
+    ap.add_argument("--report-only", action="store_true",
+                    help="print the tables of earlier runs (ROOT/s<N>.bench.json)")
     args = ap.parse_args(argv)
     root = Path(args.root)
     scales = [float(s) for s in args.scales.split(",")]
     res = {}
-    for scale in scales:
+    for scale in scales if args.report_only else ():
+        res[scale] = json.loads((root / f"s{scale:g}.bench.json").read_text())
+    for scale in () if args.report_only else scales:
         cubes = root / f"s{scale:g}"
         if not (cubes / "cubeset.json").exists() and not (args.build or args.build_only):
             raise SystemExit(f"{cubes} missing: pass --build")
