@@ -35,6 +35,11 @@ def _session_members(sid: int) -> list[int]:
     return out
 
 
+def _default_signals() -> None:
+    for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def _listening(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(1.0)
@@ -50,8 +55,10 @@ def test_signal_to_deepearth_serve_leaves_nothing_listening(tiny_cubes, tmp_path
     cmd = [sys.executable, "-m", "cube_gen.cli", "serve", str(tiny_cubes), "--port", str(port),
            "--config-out", str(tmp_path / "config.yml")]
     with open(log_path, "wb") as log:
+        # the operator's shell: default dispositions (a suite run under nohup ignores
+        # SIGHUP, and an ignored signal stays ignored across exec)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_default_signals)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
