@@ -365,6 +365,23 @@ def wait_place(page, gbif_id: int) -> None:
         timeout=WAIT_MS)
 
 
+def click_dot(page, lon: float, lat: float, gbif_id: int, tries: int = 3) -> None:
+    """Click the dot at (lon, lat) until it is selected: a loaded machine may still be
+    drawing or moving the map at the first click (the position is taken anew each try)."""
+    for attempt in range(tries):
+        x, y = screen_xy(page, lon, lat)
+        page.mouse.click(x + 1, y + 1)
+        try:
+            page.wait_for_function(
+                f"() => window.deepearth.store.getState().controlState.selectedPlaceId"
+                f" === 'obs-{gbif_id}'", timeout=WAIT_MS // 3)
+            return
+        except Exception:
+            if attempt == tries - 1:
+                raise
+            page.wait_for_timeout(500)
+
+
 def open_panel(page, title: str) -> None:
     if page.get_by_label("Show sidebar").count():
         page.get_by_label("Show sidebar").click()
@@ -403,9 +420,7 @@ def test_dot_click_shows_the_observation(loop):
     page.wait_for_timeout(800)  # the view is restored after the viewer's own first fit
     st = app_state(page)
     assert abs(st["zoom"] - 14) < 0.01 and abs(st["lon"] - target.lon) < 1e-4
-    x, y = screen_xy(page, target.lon, target.lat)
-    page.mouse.click(x + 1, y + 1)
-    wait_place(page, int(target.gbif_id))
+    click_dot(page, target.lon, target.lat, int(target.gbif_id))
     open_panel(page, "Observation")
     name = loop["species"].taxon_name.iat[int(target.species_index)]
     page.get_by_text(name, exact=True).first.wait_for(timeout=WAIT_MS)

@@ -447,6 +447,8 @@
     var m = map();
     if (!m) return;
     var view = m.getView();
+    // a fit of the viewer's that is still animating would move the map away again
+    if (view.getAnimating()) view.cancelAnimations();
     if (center) {
       var c = String(center).split(",").map(Number);
       if (c.length === 2 && isFinite(c[0]) && isFinite(c[1])) view.setCenter(lonLatToMercator(c[0], c[1]));
