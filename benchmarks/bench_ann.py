@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--ef-search", default=str(ann.EF_SEARCH),
                     help="HNSW beam widths to compare, comma-separated (one index)")
-    ap.add_argument("--rerank", default="10",
+    ap.add_argument("--rerank", default="20",
                     help="candidates per result re-ranked exactly, comma-separated")
     args = ap.parse_args(argv)
     settings = [(int(ef), int(rr)) for ef in args.ef_search.split(",")

@@ -1,22 +1,40 @@
-"""Approximate nearest neighbours over unit vectors (FAISS), with filters and exact re-ranking.
+"""Approximate nearest neighbours over unit vectors (FAISS HNSW), with filters and exact re-ranking.
 
 Generic helpers for any vector set (pooled vision vectors here; patch vectors may reuse
-them): :class:`VectorIndex` builds a FAISS ``PCA -> IVF-Flat (L2)`` index over unit rows
-(for unit vectors L2 order is cosine order), returns candidate rows for a query, honours
-a boolean mask of allowed rows (``IDSelectorBitmap``, more lists probed for a selective
-mask) and serialises to bytes. Candidates are re-scored exactly by the caller
-(:func:`cube_gen.analysis.top_k_cosine`), so scores are always exact cosines; below
-:data:`EXACT_BELOW` rows, or when a filter leaves at most :data:`EXACT_SUBSET` rows, the
+them): :class:`VectorIndex` builds a FAISS ``PCA64 -> HNSW32,Flat (L2)`` graph over unit
+rows (for unit vectors L2 order is cosine order; the PCA, trained on a 50,000-row sample,
+keeps the graph's vectors small and its distances cheap), returns candidate rows for a
+query, honours a boolean mask of allowed rows (``IDSelectorBitmap``: the walk passes
+through disallowed nodes but returns only allowed ones; the beam is widened for a
+selective mask) and serialises to bytes. :func:`search` re-scores ``k * rerank``
+candidates exactly on the full unit vectors (:func:`cube_gen.analysis.top_k_cosine`), so
+scores are always exact cosines; below :data:`EXACT_BELOW` rows, when a filter leaves at
+most :data:`EXACT_SUBSET` rows, or when the graph finds fewer allowed rows than asked, the
 search is exact.
 
-Why FAISS: the reference exact baseline (``IndexFlatIP`` / ``faiss.knn``) is in the same
-library, IVF with an ID selector gives filtered search without post-filtering, indexes
-serialise to one byte string (stored in Zarr like any array), wheels exist for Python
-3.11 on PyPI and conda-forge, and the patch index (issue 17) uses it too.
+Why HNSW and not IVF (index format 1): on synthetic pooled-like vectors (benchmarks/
+bench_ann.py) ``PCA -> IVF-Flat`` recall@10 was bound by the lists probed (200k rows:
+nprobe 32 0.49, nprobe 96 0.76) while PCA dimensions and re-rank size barely mattered, and
+exact search over the PCA-64 projections with an exact re-rank of 100 gave 0.997: the
+projections were good, the coarse quantiser was not. A graph over the same projections
+reaches that neighbourhood in a few thousand distance computations: at 800k rows, one
+thread, efSearch 512 and 200 candidates, recall@10 0.967 at p50 6.9 ms (FAISS flat:
+627 ms), 0.973 at 13.9 ms with a filter allowing 10 % of the rows (flat over those rows:
+48 ms); efSearch 256 gave only 0.907 (benchmarks/RESULTS.md). Costs: 411 MiB at 800k rows
+(n x (4 x 64 + 8 x 32) bytes plus upper levels, the same serialised) and a build of
+~15 min on one loaded core (the graph; the recipe uses every core).
+
+Why FAISS (not usearch or hnswlib, which would also do): the exact baseline
+(``faiss.knn``) and the patch index (issue 17, IVF-PQ) are in the same library, its HNSW
+takes an ID selector (filtered search without post-filtering or a Python callback per
+node), indexes serialise to one byte string (stored in Zarr like any array), and wheels
+exist for Python 3.11 on PyPI and conda-forge.
 
 The recipe stage ``similarity`` (:func:`build_stage`) writes ``similarity.zarr``: the
-serialised index (uint8 array ``index``) when the cube set has at least
-:data:`EXACT_BELOW` embeddings, else only attributes saying search is exact.
+serialised index (uint8 array ``index``, attributes ``kind: hnsw``, ``index_format: 2``)
+when the cube set has at least :data:`EXACT_BELOW` embeddings, else only attributes
+saying search is exact. A format-1 (IVF) index raises :class:`OutdatedIndex` on read;
+:func:`open_similarity` then builds the graph in memory from the pooled vectors.
 """
 
 from __future__ import annotations
@@ -37,7 +55,7 @@ EXACT_SUBSET = 20_000      # a filter leaving at most this many rows is searched
 SIMILARITY_PATH = "similarity.zarr"
 INDEX_KIND = "hnsw"
 INDEX_FORMAT = 2          # 1: PCA -> IVF-Flat (recall-limited, no longer read); 2: HNSW
-EF_SEARCH = 256           # HNSW beam width per query (at least the candidates asked for)
+EF_SEARCH = 512           # HNSW beam width per query (at least the candidates asked for)
 EF_FILTER_MAX = 1024      # the widest beam a selective filter gets
 _CHUNK_BYTES = 64 << 20
 
@@ -145,7 +163,7 @@ class VectorIndex:
 
 def search(unit_rows: np.ndarray, query: np.ndarray, k: int, index: VectorIndex | None = None,
            allowed: np.ndarray | None = None, exclude: np.ndarray | None = None,
-           rerank: int = 10, top_k=None) -> tuple[np.ndarray, np.ndarray]:
+           rerank: int = 20, top_k=None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k cosine rows of ``unit_rows`` for ``query``: ``(rows, exact scores)``, best first.
 
     Exact (``top_k``, e.g. :func:`cube_gen.analysis.top_k_cosine`, over all rows or the
