@@ -161,11 +161,23 @@ def simulated_pooled(plan: Plan, species_rows: np.ndarray, seed: int,
     return out
 
 
-def pca_projection(pooled: np.ndarray) -> tuple[np.ndarray, str]:
-    """First three principal components of the pooled vectors (``--projection pca``)."""
-    from .embedding_math import _pca_scores
+def pca_projection(pooled: np.ndarray, block: int = 65_536) -> tuple[np.ndarray, str]:
+    """First three principal components of the pooled vectors (``--projection pca``), from
+    the (feature x feature) covariance accumulated in blocks: memory of one block, where
+    :func:`cube_gen.embedding_math._pca_scores` (an SVD of the float64 rows) needs about
+    4 x the rows' float32 size (18 GB at 100x)."""
+    from .embedding_math import _fix_signs
 
-    return _pca_scores(np.asarray(pooled, np.float32), 3)[:, :3].astype(np.float32), "pca"
+    x = np.asarray(pooled, np.float32)
+    mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    cov = np.zeros((x.shape[1], x.shape[1]), np.float64)
+    for lo in range(0, len(x), block):
+        xc = (x[lo:lo + block] - mean).astype(np.float64)
+        cov += xc.T @ xc
+    _, vecs = np.linalg.eigh(cov)
+    top = vecs[:, ::-1][:, :3].astype(np.float32)
+    scores = np.concatenate([(x[lo:lo + block] - mean) @ top for lo in range(0, len(x), block)])
+    return _fix_signs(scores, 3).astype(np.float32), "pca"
 
 
 PROJECTIONS = ("auto", "recipe", "approximate", "pca")

@@ -153,7 +153,13 @@ def test_approximate_projection_above_the_exact_limit(cs):
     pooled = cs.pooled()
     assert approximate_projection(pooled) is None  # small: the recipe's exact projection
     assert vision_projection(pooled, "auto") is None and vision_projection(pooled, "recipe") is None
-    assert vision_projection(pooled, "pca")[0].shape == (len(pooled), 3)
+    from cube_gen.embedding_math import _pca_scores
+
+    pca = vision_projection(pooled, "pca")[0]
+    assert np.allclose(pca, _pca_scores(pooled, 3)[:, :3], atol=1e-3 * np.abs(pca).max())
+    from cube_gen.simulate import pca_projection
+
+    assert np.allclose(pca_projection(pooled, block=50)[0], pca, atol=1e-4 * np.abs(pca).max())
     with pytest.raises(UsageError, match="--projection"):
         vision_projection(pooled, "tsne")
     coords, method = approximate_projection(pooled, exact_max=10)
