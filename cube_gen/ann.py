@@ -22,7 +22,7 @@ thread, efSearch 512 and 200 candidates, recall@10 0.967 at p50 6.9 ms (FAISS fl
 627 ms), 0.973 at 13.9 ms with a filter allowing 10 % of the rows (flat over those rows:
 48 ms); efSearch 256 gave only 0.907 (benchmarks/RESULTS.md). Costs: 411 MiB at 800k rows
 (n x (4 x 64 + 8 x 32) bytes plus upper levels, the same serialised) and a build of
-~15 min on one loaded core (the graph; the recipe uses every core).
+15-28 min on one core at load 3-6 (the graph; the recipe uses every core).
 
 Why FAISS (not usearch or hnswlib, which would also do): the exact baseline
 (``faiss.knn``) and the patch index (issue 17, IVF-PQ) are in the same library, its HNSW
