@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPI_TO_CONDA = {
     "xcube-core": "xcube",
     "torch": "pytorch",
+    "duckdb": "python-duckdb",
 }
 # conda-only entries of environment.yml, and why pyproject.toml does not list them.
 CONDA_ONLY = {
