@@ -26,7 +26,6 @@ import io
 import itertools
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from cube_gen.pipeline import run_recipe
 from cube_gen.recipe import parse_recipe
 from cube_gen.synth import Preset, write_synthetic
 from server import render
-from server.launch import serving
+from server.launch import free_port, serving
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -77,12 +76,6 @@ def median_ms(fn, repeats: int) -> float:
         fn(i)
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def static_server(root: str):
