@@ -126,6 +126,30 @@ def per_embedding_products(source: Path, n: int = 4) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in out.items()}
 
 
+def scaling(sources: dict[int, Path], work: Path, small: int, large: int, repeats: int) -> str:
+    """Marginal vision-stage time per embedding on a LocalCluster of 1 and of 2 workers
+    (one thread each), interleaved in each repeat; speed-up = marginal(1) / marginal(2)."""
+    res: dict[int, dict[int, list[float]]] = {1: {}, 2: {}}
+    for r in range(repeats):
+        for w in (1, 2) if r % 2 == 0 else (2, 1):
+            for n, src in sources.items():
+                res[w].setdefault(n, []).append(vision_stage(src, work / "cubes", w, True)["vision"])
+    marg = {w: (statistics.median(res[w][large]) - statistics.median(res[w][small]))
+            / (large - small) for w in (1, 2)}
+    lines = [f"Dask scaling: vision stage, all products, {small} and {large} embeddings, "
+             f"medians of {repeats}; load average {os.getloadavg()[0]:.1f} at the end.", "",
+             "| workers | vision stage s (small / large) | marginal ms / embedding | speed-up |",
+             "| --- | --- | --- | --- |"]
+    for w in (1, 2):
+        lines.append(f"| {w} | {statistics.median(res[w][small]):.1f} / "
+                     f"{statistics.median(res[w][large]):.1f} | {marg[w] * 1000:.0f} | "
+                     f"{marg[1] / marg[w]:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    (OUT / "gen-scaling.md").write_text(table + "\n")
+    return table
+
+
 def umap_agreement(source: Path, n: int = 3) -> list[tuple[float, float]]:
     """Spearman correlation of patch colour distances: ours vs umap-learn, and umap-learn
     vs itself with another seed (how far two runs of the reference already differ)."""
@@ -152,6 +176,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--large", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2, help="the recipe default: 2")
+    ap.add_argument("--scaling", action="store_true",
+                    help="only the Dask scaling: vision stage (all products) on 1 and 2 workers")
     ap.add_argument("--umap-agreement", action="store_true",
                     help="also compare UMAP-RGB with umap-learn (slow: numba compiles)")
     args = ap.parse_args(argv)
@@ -159,6 +185,8 @@ def main(argv: list[str] | None = None) -> str:
     work = OUT / "gen"
     work.mkdir(parents=True, exist_ok=True)
     sources = {n: _source(work, n) for n in (args.small, args.large)}
+    if args.scaling:
+        return scaling(sources, work, args.small, args.large, args.repeats)
     res: dict[str, dict[int, list[dict]]] = {"bare": {}, "all": {}, "lazy": {}}
     for _ in range(args.repeats):
         for n, src in sources.items():

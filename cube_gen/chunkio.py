@@ -10,7 +10,7 @@ through zarr in parallel threads.
 
 Public interface (used by :mod:`cube_gen.access`, :mod:`cube_gen.torch_data` and the
 benchmarks): :func:`raw_layout`, :class:`RawLayout` (``file_of``, ``read``, ``read_many``,
-``files``, ``maps``), :class:`FileMaps`, :func:`read_into`, :func:`zarr_runs`,
+``write``, ``files``, ``maps``), :class:`FileMaps`, :func:`read_into`, :func:`zarr_runs`,
 :class:`TruncatedRead` and the thread constants.
 """
 
@@ -181,6 +181,22 @@ class RawLayout:
     def file_of(self, image: int) -> tuple[str, int]:
         f, slot = divmod(int(image), self.per_file)
         return os.path.join(self.root, *self.key(f).split("/")), slot
+
+    def write(self, image: int, values: np.ndarray) -> None:
+        """Write one image's chunk file as its raw bytes (plain chunks only: one image per
+        file), through a temporary file and a rename, as zarr's bytes codec would."""
+        if self.per_file != 1:
+            raise ValueError(f"{self.cube}/{self.array}: sharded chunks are written by zarr")
+        values = np.ascontiguousarray(values, self.dtype)
+        if values.shape != self.shape:
+            raise ValueError(f"{self.cube}/{self.array}: an image of shape {values.shape}, "
+                             f"expected {self.shape}")
+        path, _ = self.file_of(image)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(memoryview(values).cast("B"))
+        os.replace(tmp, path)
 
     def _shard_index(self, path: str, size: int, read, version: tuple = ()) -> np.ndarray:
         key = (path, *version)  # a rewritten shard has a new index

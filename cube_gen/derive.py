@@ -39,7 +39,8 @@ def species_projection(language: np.ndarray, min_cluster_size: int = 3, seed: in
 
 
 def vision_projection(pooled: np.ndarray, seed: int = 42):
-    """3-D UMAP (cosine) of the pooled vectors; PCA when there are very few."""
+    """3-D UMAP (cosine) of the pooled vectors (approximate neighbours above
+    :data:`cube_gen.embedding_math.EXACT_KNN_MAX` images); PCA when there are very few."""
     return project_3d(pooled, metric="cosine", n_neighbors=15, seed=seed)
 
 

@@ -101,28 +101,52 @@ def _prepare(feats: np.ndarray) -> _Prepared:
 
 
 # -- PCA -----------------------------------------------------------------------------------
-def _pca_scores(x: np.ndarray, k: int = N_PCA) -> np.ndarray:
-    """Scores (patches, k) of the first k principal components of x (patches, features).
+def _pca_scores(x: np.ndarray, k: int = N_PCA, block: int = 65_536) -> np.ndarray:
+    """Scores (rows, k) of the first k principal components of x (rows, features).
 
-    Exact (eigen-decomposition of the Gram matrix). Signs are fixed so that each
-    component's largest-magnitude score is positive, which makes the result deterministic.
+    Exact, the one PCA of the project: for rows <= features (one image's 576 patches) an
+    eigen-decomposition of the (rows x rows) Gram matrix; for more rows than features (a
+    whole set's pooled vectors) of the (features x features) covariance accumulated over
+    blocks of ``block`` rows, so memory is one block (an SVD of the float64 rows needed
+    about 4 x their float32 size: 18 GB for 800,000 pooled vectors). Signs are fixed so
+    that each component's largest-magnitude score is positive (deterministic).
     """
-    xc = (x - x.mean(axis=0, keepdims=True)).astype(np.float32)
-    n = xc.shape[0]
+    x = np.asarray(x)
+    n, d = x.shape
     k_eff = min(k, n)
-    if n <= xc.shape[1]:
+    mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    if n <= d:
         # eigen-decomposition of the (patches x patches) Gram matrix: scores = U * S
         from scipy.linalg import eigh
 
+        xc = x.astype(np.float32) - mean
         gram = (xc @ xc.T).astype(np.float64)
         w, v = eigh(gram, subset_by_index=[n - k_eff, n - 1])
         order = np.argsort(w)[::-1]
         w, v = np.clip(w[order], 0, None), v[:, order]
         scores = (v * np.sqrt(w)).astype(np.float32)
     else:
-        u, s, _ = np.linalg.svd(xc.astype(np.float64), full_matrices=False)
-        scores = (u[:, :k_eff] * s[:k_eff]).astype(np.float32)
+        top = pca_basis(x, k_eff, mean, block).astype(np.float64)
+        scores = np.concatenate([
+            ((x[lo:lo + block].astype(np.float32) - mean).astype(np.float64) @ top)
+            .astype(np.float32) for lo in range(0, n, block)])
     return _fix_signs(scores, k)
+
+
+def pca_basis(x: np.ndarray, k: int, mean: np.ndarray | None = None, block: int = 65_536
+              ) -> np.ndarray:
+    """(features, k) float32: the first k principal axes of the rows of x, from the
+    (features x features) covariance accumulated in float64 over blocks of rows."""
+    x = np.asarray(x)
+    d = x.shape[1]
+    if mean is None:
+        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    cov = np.zeros((d, d), np.float64)
+    for lo in range(0, len(x), block):  # float32 products of centred rows, summed in float64
+        xc = x[lo:lo + block].astype(np.float32) - mean
+        cov += xc.T @ xc
+    _, vecs = np.linalg.eigh(cov)
+    return np.ascontiguousarray(vecs[:, ::-1][:, :k], np.float32)
 
 
 def _fix_signs(scores: np.ndarray, k: int) -> np.ndarray:
@@ -342,6 +366,61 @@ def _knn(x: np.ndarray, k: int, metric: str = "cosine", block: int = 2048):
     return idx, dist
 
 
+EXACT_KNN_MAX = 50_000  # rows: above, :func:`project_3d` finds neighbours approximately
+
+
+def knn_approximate(x: np.ndarray, k: int, metric: str = "cosine", seed: int = 42,
+                    block: int = 65_536):
+    """Approximate k nearest neighbours of every row (itself first), as :func:`_knn` returns
+    them: (indices, distances) (n, k), the distances exact on the original rows.
+
+    Candidates come from a FAISS HNSW graph (M 16) over a 64-d PCA of the rows (of the unit
+    rows for cosine), trained on at most 20,000 of them: O(n log n) where the exact search
+    is O(n^2) (about a day at 800,000 rows on two cores). Recall@15 against :func:`_knn` is
+    tested (tests/test_embedding_math.py).
+    """
+    import faiss
+
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', not {metric!r}")
+    x = np.ascontiguousarray(x, np.float32)
+    n, d = x.shape
+    if metric == "cosine":
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    dim = min(64, d)
+    sample = x[np.sort(np.random.default_rng(seed).choice(n, size=min(n, 20_000), replace=False))]
+    mean = sample.mean(axis=0, dtype=np.float64).astype(np.float32)
+    basis = pca_basis(sample, dim, mean)
+    y = np.concatenate([(x[lo:lo + block] - mean) @ basis for lo in range(0, n, block)])
+    if metric == "cosine":
+        y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    index = faiss.IndexHNSWFlat(dim, 16)
+    index.hnsw.efConstruction = 40
+    index.add(y)
+    index.hnsw.efSearch = max(64, 4 * k)
+    _, cand = index.search(y, 3 * k)  # three times the neighbours, re-ranked exactly below
+    rows = np.arange(n)[:, None]
+    valid = (cand >= 0) & (cand != rows)
+    cand = np.where(valid, cand, rows)
+    cand = np.ascontiguousarray(cand, np.int64)
+    out = np.empty(cand.shape, np.float32)  # exact distances of the candidates (no gather)
+    by_idx = faiss.fvec_inner_products_by_idx if metric == "cosine" else faiss.fvec_L2sqr_by_idx
+    by_idx(faiss.swig_ptr(out), faiss.swig_ptr(x), faiss.swig_ptr(x), faiss.swig_ptr(cand),
+           d, n, cand.shape[1])
+    dist = (1.0 - out.astype(np.float64)) if metric == "cosine" else \
+        np.sqrt(np.maximum(out.astype(np.float64), 0))
+    dist[~valid] = np.inf
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k - 1]  # the others, nearest first
+    idx = np.concatenate([rows, np.take_along_axis(cand, order, 1)], axis=1)
+    dist = np.concatenate([np.zeros((n, 1)), np.take_along_axis(dist, order, 1)], axis=1)
+    missing = ~np.isfinite(dist)  # fewer than k - 1 candidates found: repeat the farthest
+    if missing.any():
+        last = np.where(missing, 0, np.arange(k)).max(axis=1, keepdims=True)
+        idx = np.where(missing, np.take_along_axis(idx, last, 1), idx)
+        dist = np.where(missing, np.take_along_axis(dist, last, 1), dist)
+    return idx.astype(np.int64), dist.astype(np.float64)
+
+
 def _fuzzy_graph(x: np.ndarray, n_neighbors: int, metric: str = "cosine", knn=None):
     """UMAP's fuzzy simplicial set of the rows of x, from exact (or given) k-NN.
 
@@ -422,34 +501,36 @@ def umap_layout(x: np.ndarray, n_components: int = 3, n_neighbors: int = 15,
     y = _spectral_init(g, n_components, rng)
     span = y.max(axis=0) - y.min(axis=0)
     y = 10.0 * (y - y.min(axis=0)) / np.where(span > 0, span, 1)
-    a, b = _UMAP_A, _UMAP_B
-    p = w / w.max()
-    n_neg = 5.0  # negative samples per edge sample, drawn as one sample of weight 5
+    a, b = np.float32(_UMAP_A), np.float32(_UMAP_B)
+    p = (w / w.max()).astype(np.float32)
+    n_neg = np.float32(5.0)  # negative samples per edge sample, drawn as one of weight 5
     e = len(heads)
     src = np.concatenate([heads, heads])
     dst = np.concatenate([tails, tails])
-    attract = np.arange(2 * e) < e
     weight = np.concatenate([p, n_neg * p])
-    cols = [np.ascontiguousarray(y[:, c]) for c in range(n_components)]  # 1-D gathers are fast
+    cols = [np.ascontiguousarray(y[:, c], np.float32) for c in range(n_components)]
+    coef = np.empty(2 * e, np.float32)
+    c_att, c_rep = np.float32(-2 * _UMAP_A * _UMAP_B), np.float32(2 * _UMAP_B)
     for epoch in range(n_epochs):
-        alpha = 1.0 - epoch / n_epochs
+        alpha = np.float32(1.0 - epoch / n_epochs)
         dst[e:] = rng.integers(0, n, e)
-        diffs = [np.take(col, src) - np.take(col, dst) for col in cols]
+        diffs = [np.take(col, src) - np.take(col, dst) for col in cols]  # 1-D gathers are fast
         d2 = diffs[0] * diffs[0]
         for dc in diffs[1:]:
             d2 += dc * dc
         pos = d2 > 0
-        d2s = np.where(pos, d2, 1.0)
-        d2b = np.exp(b * np.log(d2s))            # d2 ** b
+        d2b = np.power(np.where(pos, d2, 1), b)
         denom = 1 + a * d2b
-        coef = np.where(attract, (-2 * a * b) * d2b / (d2s * denom),
-                        (2 * b) / ((0.001 + d2) * denom))
+        # attraction on the edges (first half), repulsion from the negative samples
+        np.divide(c_att * d2b[:e], np.where(pos[:e], d2[:e], 1) * denom[:e], out=coef[:e])
+        np.divide(c_rep, (np.float32(0.001) + d2[e:]) * denom[e:], out=coef[e:])
         coef *= pos
         scale = alpha * weight
         for col, dc in zip(cols, diffs, strict=True):
-            grad = np.clip(coef * dc, -4, 4, out=dc)
-            grad *= scale
-            col += np.bincount(src, grad, n) - np.bincount(tails, grad[:e], n)
+            np.multiply(coef, dc, out=dc)
+            np.clip(dc, -4, 4, out=dc)
+            dc *= scale
+            col += (np.bincount(src, dc, n) - np.bincount(tails, dc[:e], n)).astype(np.float32)
     y = np.stack(cols, axis=1)
     return y.astype(np.float32)
 
@@ -487,11 +568,14 @@ def umap_rgb_reference(feats: np.ndarray, n_neighbors: int = 15, seed: int = 42)
 
 @single_threaded_blas
 def project_3d(x: np.ndarray, metric: str = "cosine", n_neighbors: int = 15, seed: int = 42,
-               standardise: bool = False) -> tuple[np.ndarray, str]:
+               standardise: bool = False, exact_max: int = EXACT_KNN_MAX
+               ) -> tuple[np.ndarray, str]:
     """3-D projection of the rows of x: UMAP (:func:`umap_layout`) when there are enough
-    rows, else PCA.
+    rows, else PCA. Neighbours are exact up to ``exact_max`` rows, approximate above
+    (:func:`knn_approximate`).
 
-    Returns ``(coords (n, 3) float32, method)``; method is ``"umap"`` or ``"pca"``.
+    Returns ``(coords (n, 3) float32, method)``; method is ``"umap"``,
+    ``"umap (approximate neighbours: HNSW over PCA-64)"`` or ``"pca"``.
     """
     x = np.asarray(x, dtype=np.float32)
     if standardise:
@@ -504,5 +588,11 @@ def project_3d(x: np.ndarray, metric: str = "cosine", n_neighbors: int = 15, see
         scores = _pca_scores(x, 3) if n > 1 else np.zeros((n, 3), np.float32)
         return scores[:, :3].astype(np.float32), "pca"
     epochs = 200 if n <= 10_000 else 100  # full-batch epochs converge faster than SGD ones
-    return umap_layout(x, 3, min(n_neighbors, n - 1), n_epochs=epochs, seed=seed,
-                       metric=metric), "umap"
+    k = min(n_neighbors, n - 1)
+    knn, method = None, "umap"
+    if n > exact_max:
+        knn, method = knn_approximate(x, k, metric, seed), APPROXIMATE_UMAP
+    return umap_layout(x, 3, k, n_epochs=epochs, seed=seed, metric=metric, knn=knn), method
+
+
+APPROXIMATE_UMAP = "umap (approximate neighbours: HNSW over PCA-64)"

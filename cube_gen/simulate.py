@@ -77,7 +77,6 @@ from .synth import PRESETS, Plan, Preset, observation_table, plan_dataset, synth
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "central_florida_native_plants.yaml"
 ROW_GROUP = 8192  # observations.parquet rows per row group
 SKIPPED_STAGES = ("photos", "patches")  # need real embedding files or photos
-EXACT_UMAP_MAX = 100_000  # images: above, the vision UMAP uses approximate neighbours
 
 
 def scaled_preset(scale: float) -> Preset:
@@ -161,80 +160,22 @@ def simulated_pooled(plan: Plan, species_rows: np.ndarray, seed: int,
     return out
 
 
-def pca_projection(pooled: np.ndarray, block: int = 65_536) -> tuple[np.ndarray, str]:
-    """First three principal components of the pooled vectors (``--projection pca``), from
-    the (feature x feature) covariance accumulated in blocks: memory of one block, where
-    :func:`cube_gen.embedding_math._pca_scores` (an SVD of the float64 rows) needs about
-    4 x the rows' float32 size (18 GB at 100x)."""
-    from .embedding_math import _fix_signs
-
-    x = np.asarray(pooled, np.float32)
-    mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-    cov = np.zeros((x.shape[1], x.shape[1]), np.float64)
-    for lo in range(0, len(x), block):
-        xc = (x[lo:lo + block] - mean).astype(np.float64)
-        cov += xc.T @ xc
-    _, vecs = np.linalg.eigh(cov)
-    top = vecs[:, ::-1][:, :3].astype(np.float32)
-    scores = np.concatenate([(x[lo:lo + block] - mean) @ top for lo in range(0, len(x), block)])
-    return _fix_signs(scores, 3).astype(np.float32), "pca"
-
-
 PROJECTIONS = ("auto", "recipe", "approximate", "pca")
 
 
 def vision_projection(pooled: np.ndarray, how: str = "auto") -> tuple[np.ndarray, str] | None:
-    """The whole-set vision projection: ``recipe`` (exact, None: computed by
-    :func:`cube_gen.pipeline.finish_vision`), ``approximate`` (:func:`approximate_projection`),
-    ``pca`` or ``auto`` (recipe up to :data:`EXACT_UMAP_MAX` images, approximate above)."""
+    """The whole-set vision projection: ``auto`` / ``recipe`` (None: the recipe's own,
+    :func:`cube_gen.derive.vision_projection` in :func:`cube_gen.pipeline.finish_vision`,
+    whose neighbours are exact up to :data:`cube_gen.embedding_math.EXACT_KNN_MAX` images
+    and approximate above), ``approximate`` (approximate neighbours at any size) or
+    ``pca`` (the first three principal components)."""
     if how not in PROJECTIONS:
         raise UsageError(f"--projection must be one of {', '.join(PROJECTIONS)}, got {how!r}")
     if how == "pca":
-        return pca_projection(pooled)
-    if how == "recipe":
-        return None
-    return approximate_projection(pooled, EXACT_UMAP_MAX if how == "auto" else 0)
-
-
-def approximate_projection(pooled: np.ndarray, exact_max: int = EXACT_UMAP_MAX,
-                           seed: int = 42) -> tuple[np.ndarray, str] | None:
-    """The vision UMAP from approximate neighbours above ``exact_max`` images, else None
-    (the recipe's exact projection).
-
-    The recipe's :func:`cube_gen.derive.vision_projection` finds the 15 neighbours of every
-    pooled vector exactly, O(n^2): minutes at 10x, about a day at 100x on two cores. Above
-    ``exact_max`` the neighbours come from a FAISS HNSW graph over a 64-d PCA of the unit
-    vectors (cosine), and the same UMAP layout (:func:`cube_gen.embedding_math.umap_layout`)
-    runs on them; the method is recorded as ``umap (approximate neighbours)``.
-    """
-    n = len(pooled)
-    if n <= exact_max:
-        return None
-    import faiss
-
-    from .ann import unit
-
-    k = 15
-    x = np.ascontiguousarray(unit(pooled), np.float32)
-    pca = faiss.PCAMatrix(x.shape[1], 64)
-    sample = np.random.default_rng(seed).choice(n, size=min(n, 50_000), replace=False)
-    pca.train(x[np.sort(sample)])
-    y = np.ascontiguousarray(pca.apply(x), np.float32)
-    y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-    index = faiss.IndexHNSWFlat(y.shape[1], 16)
-    index.hnsw.efConstruction = 40
-    index.add(y)
-    index.hnsw.efSearch = 48
-    d2, idx = index.search(y, k + 1)
-    rows = np.arange(n)[:, None]
-    is_self = (idx == rows) | (idx < 0)
-    order = np.argsort(is_self, axis=1, kind="stable")[:, :k - 1]  # others first, nearest first
-    others = np.take_along_axis(idx, order, axis=1)
-    dist = np.take_along_axis(np.maximum(d2, 0) / 2, order, axis=1)  # |a-b|^2 / 2 = 1 - cos
-    knn = (np.concatenate([rows, others], axis=1).astype(np.int64),
-           np.concatenate([np.zeros((n, 1)), dist], axis=1).astype(np.float64))
-    coords = em.umap_layout(pooled, 3, k, n_epochs=100, seed=seed, metric="cosine", knn=knn)
-    return coords.astype(np.float32), "umap (approximate neighbours: HNSW over PCA-64)"
+        return em._pca_scores(pooled, 3)[:, :3], "pca"
+    if how == "approximate":
+        return em.project_3d(pooled, metric="cosine", n_neighbors=15, exact_max=0)
+    return None
 
 
 def build_vision(ctx: BuildContext, plan: Plan, materialise: int, seed: int,

@@ -33,8 +33,9 @@ def add_commands(sub) -> None:
     p.add_argument("--source", help="simulated source folder (default: OUT-source)")
     p.add_argument("--projection", default="auto",
                    choices=("auto", "recipe", "approximate", "pca"),
-                   help="whole-set vision UMAP: the recipe's (exact k-NN, O(n^2)), approximate "
-                        "neighbours, or PCA; auto: the recipe's up to 100,000 images")
+                   help="whole-set vision UMAP: auto or recipe: the recipe's (exact neighbours "
+                        "up to 50,000 images, approximate above), approximate (at any size), "
+                        "or PCA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace existing folders")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -124,3 +124,57 @@ def test_project_3d_separates_clusters():
     d = np.linalg.norm(y[:, None] - y[None], axis=-1)
     same = labels[:, None] == labels[None]
     assert np.median(d[same]) * 3 < np.median(d[~same])
+
+
+def test_whole_set_pca_in_blocks_equals_an_svd():
+    """More rows than features: the covariance path, one block or many, equals an SVD."""
+    rng = np.random.default_rng(3)
+    x = (rng.normal(0, 1, (3000, 8)) * [5, 3, 2, 1, 1, 1, 1, 1]) @ rng.normal(0, 1, (8, 40))
+    x = (x + rng.normal(0, 0.1, (3000, 40))).astype(np.float32)
+    xc = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
+    u, s, _ = np.linalg.svd(xc, full_matrices=False)
+    ref = u[:, :5] * s[:5]
+    ref *= np.sign(ref[np.abs(ref).argmax(axis=0), np.arange(5)])
+    for block in (65_536, 128, 7):
+        np.testing.assert_allclose(em._pca_scores(x, 5, block=block), ref,
+                                   atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(em._pca_scores(x.astype(np.float16), 3)[:, 0], ref[:, 0],
+                               atol=2e-2 * np.abs(ref[:, 0]).max())
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_approximate_neighbours_find_the_exact_ones(metric):
+    rng = np.random.default_rng(4)  # pooled-like: species centres, latent factors, noise
+    centres = rng.normal(0, 1, (30, 256)) * 2
+    factors = rng.normal(0, 1, (4000, 24)) @ rng.normal(0, 1, (24, 256))
+    x = (centres[rng.integers(0, 30, 4000)] + factors + rng.normal(0, 0.3, (4000, 256)))
+    x = x.astype(np.float32)
+    idx, dist = em.knn_approximate(x, 15, metric)
+    ex_idx, ex_dist = em._knn(x, 15, metric)
+    assert idx.shape == dist.shape == (4000, 15)
+    assert (idx[:, 0] == np.arange(4000)).all() and (dist[:, 0] == 0).all()
+    recall = np.mean([len(set(a[1:]) & set(b[1:])) / 14 for a, b in zip(idx, ex_idx, strict=True)])
+    assert recall >= 0.9
+    assert (np.diff(dist, axis=1) >= 0).all()  # nearest first
+    # the distances are the exact ones of the pairs found
+    i, j = np.repeat(np.arange(4000), 14), idx[:, 1:].ravel()
+    if metric == "cosine":
+        u = x / np.linalg.norm(x, axis=1, keepdims=True)
+        exact = 1 - np.einsum("ij,ij->i", u[i], u[j])
+    else:
+        exact = np.linalg.norm(x[i] - x[j], axis=1)
+    np.testing.assert_allclose(dist[:, 1:].ravel(), exact, atol=1e-4 * exact.max())
+    np.testing.assert_allclose(dist[:, 1:].mean(), ex_dist[:, 1:].mean(), rtol=0.05)
+
+
+def test_project_3d_uses_approximate_neighbours_above_the_limit():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 1, (4, 64)) * 4
+    labels = np.repeat(np.arange(4), 100)
+    x = (centres[labels] + rng.normal(0, 1, (400, 64))).astype(np.float32)
+    y, method = em.project_3d(x, metric="cosine", exact_max=100)
+    assert method == em.APPROXIMATE_UMAP and y.shape == (400, 3) and np.isfinite(y).all()
+    assert em.project_3d(x, metric="cosine")[1] == "umap"  # below the limit: exact
+    d = np.linalg.norm(y[:, None] - y[None], axis=-1)
+    same = labels[:, None] == labels[None]
+    assert np.median(d[same]) * 3 < np.median(d[~same])
