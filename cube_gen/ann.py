@@ -6,7 +6,9 @@ rows (for unit vectors L2 order is cosine order; the PCA, trained on a 50,000-ro
 keeps the graph's vectors small and its distances cheap), returns candidate rows for a
 query, honours a boolean mask of allowed rows (``IDSelectorBitmap``: the walk passes
 through disallowed nodes but returns only allowed ones; the beam is widened for a
-selective mask) and serialises to bytes. :func:`search` re-scores ``k * rerank``
+selective mask; a mask allowing at most :data:`SCAN_FRACTION` of the rows is instead
+answered by an exact scan of the allowed rows' PCA vectors, :meth:`VectorIndex.scan`) and
+serialises to bytes. :func:`search` re-scores ``k * rerank``
 candidates exactly on the full unit vectors (:func:`cube_gen.analysis.top_k_cosine`), so
 scores are always exact cosines; below :data:`EXACT_BELOW` rows, when a filter leaves at
 most :data:`EXACT_SUBSET` rows, or when the graph finds fewer allowed rows than asked, the
@@ -18,9 +20,10 @@ nprobe 32 0.49, nprobe 96 0.76) while PCA dimensions and re-rank size barely mat
 exact search over the PCA-64 projections with an exact re-rank of 100 gave 0.997: the
 projections were good, the coarse quantiser was not. A graph over the same projections
 reaches that neighbourhood in a few thousand distance computations: at 800k rows, one
-thread, efSearch 512 and 200 candidates, recall@10 0.967 at p50 6.9 ms (FAISS flat:
-627 ms), 0.973 at 13.9 ms with a filter allowing 10 % of the rows (flat over those rows:
-48 ms); efSearch 256 gave only 0.907 (benchmarks/RESULTS.md). Costs: 411 MiB at 800k rows
+thread, efSearch 512 and 200 candidates, on a quiet machine, recall@10 0.964 at p50 7.1 ms
+(FAISS flat: 466 ms), 0.973 at 15.6 ms with a filter allowing 10 % of the rows (flat over
+those rows: 48 ms; a beam of 768 instead of 1024: 0.950 at 12.3 ms); efSearch 256 gave only
+0.907 (benchmarks/RESULTS.md). Costs: 411 MiB at 800k rows
 (n x (4 x 64 + 8 x 32) bytes plus upper levels, the same serialised) and a build of
 15-28 min on one core at load 3-6 (the graph; the recipe uses every core).
 
@@ -39,10 +42,12 @@ saying search is exact. A format-1 (IVF) index raises :class:`OutdatedIndex` on 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +62,8 @@ INDEX_KIND = "hnsw"
 INDEX_FORMAT = 2          # 1: PCA -> IVF-Flat (recall-limited, no longer read); 2: HNSW
 EF_SEARCH = 512           # HNSW beam width per query (at least the candidates asked for)
 EF_FILTER_MAX = 1024      # the widest beam a selective filter gets
+SCAN_FRACTION = 0.25      # a filter allowing at most this share of rows: scan their PCA codes
+SUBSET_CACHE_BYTES = 256 << 20  # the allowed rows' codes of recent filters, per index
 _CHUNK_BYTES = 64 << 20
 
 
@@ -87,6 +94,8 @@ class VectorIndex:
     ef_search: int = EF_SEARCH
     attrs: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _subsets: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _views: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, vectors: np.ndarray, dims: int = 64, m: int = 32,
@@ -138,6 +147,8 @@ class VectorIndex:
             frac = float(allowed.mean()) if self.n else 0.0
             if frac == 0.0:
                 return np.zeros(0, np.int64)
+            if frac <= SCAN_FRACTION and self._codes() is not None:
+                return self.scan(q, n, allowed)
             if frac < 1.0:
                 bits = np.packbits(allowed, bitorder="little")
                 selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(bits))
@@ -150,6 +161,56 @@ class VectorIndex:
         del bits
         ids = ids[0]
         return ids[ids >= 0].astype(np.int64)
+
+    def _codes(self) -> tuple[Any, np.ndarray] | None:
+        """(the PCA transform, the graph's (n, dims) float32 vectors: a view, no copy), or
+        None for an index of another layout."""
+        faiss = _faiss()
+        if "codes" not in self._views:
+            found = None
+            try:
+                pre = faiss.downcast_index(self.index)
+                pca = faiss.downcast_VectorTransform(pre.chain.at(0))
+                storage = faiss.downcast_index(faiss.downcast_index(pre.index).storage)
+                if storage.ntotal == self.n and storage.d == self.dims:
+                    found = (pca, faiss.rev_swig_ptr(storage.get_xb(), self.n * self.dims)
+                             .reshape(self.n, self.dims))
+            except (AttributeError, RuntimeError, TypeError):
+                found = None
+            self._views["codes"] = found
+        return self._views["codes"]
+
+    def scan(self, query: np.ndarray, n: int, allowed: np.ndarray) -> np.ndarray:
+        """Up to ``n`` allowed rows nearest to the unit ``query`` by an exact scan of the
+        allowed rows' PCA vectors (L2, as the graph ranks them).
+
+        Under a selective filter the graph walks mostly disallowed nodes; the scan reads
+        only allowed rows. Their vectors are gathered once per distinct filter and kept
+        (:data:`SUBSET_CACHE_BYTES` per index, least recently used dropped), so the
+        queries that follow under the same filter (the viewer's loop) scan contiguous
+        memory.
+        """
+        pca, codes = self._codes()
+        key = hashlib.blake2b(np.packbits(allowed).tobytes(), digest_size=16).digest()
+        with self._lock:
+            sub = self._subsets.get(key)
+            if sub is not None:
+                self._subsets.move_to_end(key)
+        if sub is None:
+            rows = np.flatnonzero(allowed)
+            vecs = np.ascontiguousarray(codes[rows])
+            sub = (rows, vecs, np.einsum("ij,ij->i", vecs, vecs))
+            with self._lock:
+                self._subsets[key] = sub
+                while (sum(v[1].nbytes for v in self._subsets.values()) > SUBSET_CACHE_BYTES
+                       and len(self._subsets) > 1):
+                    self._subsets.popitem(last=False)
+        rows, vecs, sq = sub
+        qp = pca.apply(np.ascontiguousarray(query, np.float32).reshape(1, -1))[0]
+        d = sq - 2 * (vecs @ qp)
+        n = min(n, len(rows))
+        top = np.argpartition(d, n - 1)[:n] if n < len(rows) else np.arange(len(rows))
+        return rows[top[np.argsort(d[top], kind="stable")]].astype(np.int64)
 
     def to_bytes(self) -> np.ndarray:
         return _faiss().serialize_index(self.index)

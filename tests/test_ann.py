@@ -160,3 +160,25 @@ def test_recipe_writes_exact_marker_and_server_path_uses_an_index(tiny_cubes, tm
     assert rebuilt.attrs["index_format"] == ann.INDEX_FORMAT
     got = analysis.similar_embeddings(cs3, 0, k=3, query=q)
     assert [(r["gbif_id"], r["image_number"], r["score"]) for r in got] == want
+
+
+def test_selective_filters_scan_the_allowed_rows_pca_vectors(unit, index, monkeypatch):
+    rng = np.random.default_rng(5)
+    allowed = rng.random(N) < 0.2  # ~12k rows, a share <= SCAN_FRACTION: the scan
+    index._subsets.clear()  # (earlier tests' filters)
+    pca, codes = index._codes()
+    q = unit[123]
+    np.testing.assert_allclose(codes[:5], pca.apply(unit[:5]), atol=1e-5)  # the graph's rows
+    cand = index.candidates(q, 100, allowed)
+    rows = np.flatnonzero(allowed)
+    d = ((codes[rows] - pca.apply(q[None])[0]) ** 2).sum(axis=1)
+    np.testing.assert_array_equal(np.sort(cand), np.sort(rows[np.argsort(d)[:100]]))
+    assert allowed[cand].all() and len(index._subsets) == 1
+    index.candidates(unit[7], 100, allowed)  # the same filter: its gathered rows reused
+    assert len(index._subsets) == 1
+    monkeypatch.setattr(ann, "SUBSET_CACHE_BYTES", 1)  # at most one filter kept
+    index.candidates(q, 100, rng.random(N) < 0.1)
+    assert len(index._subsets) == 1
+    wide = rng.random(N) < 0.4  # above SCAN_FRACTION: the graph with the bitmap selector
+    assert _mean_recall(unit, index, wide) >= 0.95 and len(index._subsets) == 1
+    assert _mean_recall(unit, index, rng.random(N) < 0.2) >= 0.99
