@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> str:
     queries = rng.choice(args.n, args.queries, replace=False)
     allowed = rng.random(args.n) < 0.10
     rows = []
-    for label, mask in (("no filter", None), ("filter: 10 % of rows", allowed)):
+    wide = rng.random(args.n) < 0.40  # above ann.SCAN_FRACTION: the graph with a selector
+    for label, mask in (("no filter", None), ("filter: 10 % of rows (scan)", allowed),
+                        ("filter: 40 % of rows (graph)", wide)):
         sub = None if mask is None else np.flatnonzero(mask)
         x_sub = x if mask is None else x[sub]  # the allowed rows (what a selector scans)
         flat_t, truths = [], []
