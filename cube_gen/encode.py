@@ -116,3 +116,32 @@ def open_staged_template(url: str, storage_options: Mapping[str, Any] | None) ->
         return xr.open_zarr(url, consolidated=False, storage_options=dict(storage_options or {}) or None)
     except Exception:  # noqa: BLE001 - any unreadable staging is rebuilt
         return None
+
+
+def rewrite_arrays(url: str, storage_options: Mapping[str, Any] | None,
+                   values: Mapping[str, np.ndarray],
+                   attrs: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Write new ``values`` (and attribute updates) into existing arrays of a staged cube,
+    then consolidate its metadata again.
+
+    For a cube taken from the previous release with these arrays' chunks left out
+    (:func:`cube_gen.release.take_tree`): every chunk is written, and one that equals the
+    fill value stays absent, as in a fresh write. Shapes must match the arrays'.
+    """
+    import zarr
+
+    from .errors import CubeError
+    from .store import zarr_store
+
+    store = zarr_store(url, dict(storage_options or {}))
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    for name, data in values.items():
+        arr = group[name]
+        data = np.asarray(data)
+        if data.shape != arr.shape:
+            raise CubeError(f"{url}/{name}: new values of shape {data.shape} do not fit the "
+                            f"array's shape {arr.shape}")
+        arr[...] = data.astype(arr.dtype, copy=False)
+        if attrs and name in attrs:
+            arr.attrs.update(dict(attrs[name]))
+    zarr.consolidate_metadata(store)

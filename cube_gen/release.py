@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -114,10 +115,13 @@ def list_versions(target: Target) -> list[dict]:
 
 
 def inventory(target: Target, base: str, parts: Iterable[str], workers: int = 8,
-              progress: bool = False) -> dict[str, list]:
+              progress: bool = False, linked_from: Resolved | None = None
+              ) -> dict[str, list]:
     """``{relative path: [size, md5]}`` of every object below ``base/<part>``.
 
-    On S3 a single-part object's ETag is its MD5 (no download); others are read.
+    On S3 a single-part object's ETag is its MD5 (no download); others are read. On disk,
+    a file that is a hard link of the same path in the release ``linked_from`` (the same
+    inode: taken unchanged) keeps that release's entry instead of being read again.
     """
     files: list[tuple[str, dict]] = []
     for part in parts:
@@ -128,11 +132,15 @@ def inventory(target: Target, base: str, parts: Iterable[str], workers: int = 8,
         files.extend((p, info) for p, info in found.items() if info.get("type") != "directory")
     out: dict[str, list] = {}
     todo = []
+    known = (linked_from.files or {}) if linked_from is not None and target.is_local else {}
+    old_base = target.path(*linked_from.prefix) if known else ""
     for path, info in files:
         rel = path[len(base):].lstrip("/")
         etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
         if not target.is_local and len(etag) == 32 and "-" not in etag:
             out[rel] = [int(info.get("size") or 0), etag]
+        elif rel in known and _same_file(path, f"{old_base}/{rel}"):
+            out[rel] = list(known[rel])
         else:
             todo.append((rel, path))
 
@@ -148,13 +156,23 @@ def inventory(target: Target, base: str, parts: Iterable[str], workers: int = 8,
     return dict(sorted(out.items()))
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def publish(target: Target, staged: Iterable[str], summary: dict[str, Any],
-            reuse: dict[str, str] | None = None, progress: bool = False) -> str:
+            reuse: dict[str, str] | None = None, progress: bool = False,
+            previous: Resolved | None = None) -> str:
     """Publish the staged paths (``vision.zarr``, ...) as a new version; returns its id.
 
     ``reuse`` maps a path to a path of the previous version to take unchanged instead
-    (hard links on disk, server-side copies on S3). Order: data, ``release.json``, then
-    the one atomic write of ``cubeset.json``.
+    (hard links on disk, server-side copies on S3). ``previous``: the release that
+    staged or reused files were hard-linked from (their checksums are taken from its
+    manifest, not read again). Order: data, ``release.json``, then the one atomic write
+    of ``cubeset.json``.
     """
     vid = new_version_id()
     staged = list(staged)
@@ -170,7 +188,8 @@ def publish(target: Target, staged: Iterable[str], summary: dict[str, Any],
             os.rename(src, dst)
         else:
             _copy_tree(target, src, dst)
-    files = inventory(target, vroot, [*staged, *reuse], progress=progress)
+    files = inventory(target, vroot, [*staged, *reuse], progress=progress,
+                      linked_from=previous)
     release = {
         "format": FORMAT, "id": vid, **summary,
         "bytes": int(sum(v[0] for v in files.values())),
@@ -220,24 +239,52 @@ def _update_links(target: Target, version: str) -> None:
         os.replace(tmp, link)
 
 
-def _copy_tree(target: Target, src: str, dst: str, workers: int = 16) -> None:
-    """Server-side copy of every object below ``src`` to ``dst`` (object stores)."""
+# Zarr and xcube metadata documents: copied, never linked, when a tree is taken to be
+# changed (a rewrite of a linked file could reach the published original)
+ZARR_METADATA = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata",
+                           ".zlevels"})
+
+
+def _copy_tree(target: Target, src: str, dst: str, workers: int = 16,
+               leave_out: Callable[[str], bool] | None = None) -> None:
+    """Server-side copy of every object below ``src`` to ``dst`` (object stores), but
+    those whose path relative to ``src`` ``leave_out`` names."""
     files = [f for f, i in target.fs.find(src, detail=True).items() if i.get("type") != "directory"]
-    pairs = [(f, dst + f[len(src):]) for f in files]
+    pairs = [(f, dst + f[len(src):]) for f in files
+             if leave_out is None or not leave_out(f[len(src):].lstrip("/"))]
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda p: target.fs.copy(p[0], p[1]), pairs))
 
 
-def _link_tree(target: Target, src: str, dst: str) -> None:
-    """Take a published tree unchanged: hard links on disk, server-side copies on S3."""
+def _link_tree(target: Target, src: str, dst: str,
+               leave_out: Callable[[str], bool] | None = None,
+               copy_metadata: bool = False) -> None:
+    """Take a published tree: hard links on disk, server-side copies on S3.
+
+    ``leave_out``: paths relative to ``src`` not to take; ``copy_metadata``: copy the Zarr
+    metadata documents on disk instead of linking them (the tree is to be rewritten).
+    """
     if not target.is_local:
-        _copy_tree(target, src, dst)
+        _copy_tree(target, src, dst, leave_out=leave_out)
         return
     for dirpath, _, names in os.walk(src):
-        out = os.path.join(dst, os.path.relpath(dirpath, src))
+        rel_dir = os.path.relpath(dirpath, src)
+        out = os.path.join(dst, rel_dir)
         os.makedirs(out, exist_ok=True)
         for name in names:
-            link_file(os.path.join(dirpath, name), os.path.join(out, name))
+            if leave_out is not None and leave_out(name if rel_dir == "." else
+                                                   f"{rel_dir}/{name}"):
+                continue
+            take = shutil.copyfile if copy_metadata and name in ZARR_METADATA else link_file
+            take(os.path.join(dirpath, name), os.path.join(out, name))
+
+
+def take_tree(target: Target, src: str, dst: str,
+              leave_out: Callable[[str], bool] | None = None) -> None:
+    """Take the published tree ``src`` into ``dst`` (in staging) to be partly rewritten:
+    data objects linked (disk) or copied server-side (S3) but those ``leave_out`` names,
+    Zarr metadata documents copied."""
+    _link_tree(target, src, dst, leave_out=leave_out, copy_metadata=True)
 
 
 def link_file(src: str, dst: str) -> None:
@@ -245,8 +292,6 @@ def link_file(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
     except OSError:
-        import shutil
-
         shutil.copyfile(src, dst)
 
 
