@@ -20,6 +20,15 @@ Layer names, units, colour maps and colour ranges come from the grid-variable re
 of its pyramid, and written into its attributes (``color_value_min``/``color_value_max``/
 ``color_norm``/``color_bar_name``), where the server config, the viewer, the WMTS and the
 WMS read it.
+
+Incremental rebuilds: the registry marks the layers computed from the embedded images
+(``computed_from="vision"``: ``vision_count`` and the embedding composite). They stay in
+these pyramids (the server config, WMTS/WMS layer names and the viewer address layers as
+pyramid + variable, so moving them to a pyramid of their own would rename public layers);
+instead, when only the embeddings changed, the pipeline takes the pyramids from the
+previous release without those arrays' chunks and :func:`refresh_vision_layers` recomputes
+just them (every other layer, the coordinates and the levels' geometry come from the
+observations alone).
 """
 
 from __future__ import annotations
@@ -177,38 +186,47 @@ class Points:
         return np.asarray(self.time, "datetime64[D]").astype(np.int64)
 
 
+def vision_layers(ds_def: GridDataset, cfg: dict) -> list[str]:
+    """The layers of a pyramid computed from the embedded images (registry entries with
+    ``computed_from="vision"``): all that a rebuild which only adds or changes embeddings
+    recomputes (:func:`refresh_vision_layers`)."""
+    if not ds_def.registry:
+        return []
+    on = set(cfg["variables"])
+    return [v.name for v in G.GRID_VARIABLES.values() if v.computed_from == "vision"
+            and v.switch in on and (v.composite is None or ds_def.rgb)]
+
+
 def level_layers(ds_def: GridDataset, cfg: dict, frame: Frame, level: int, axis: TimeAxis,
                  obs: Points, images: Points, rgb: np.ndarray | None,
-                 species_names: list[str], top: list[int]) -> dict[str, np.ndarray]:
-    """Every layer of one level, (time, lat, lon) float32 arrays."""
+                 species_names: list[str], top: list[int],
+                 vision_only: bool = False) -> dict[str, np.ndarray]:
+    """Every layer of one level, (time, lat, lon) float32 arrays (``vision_only``: only
+    the :func:`vision_layers`).
+
+    A registry layer is taken from the statistics of the points its entry is
+    ``computed_from``, so the registry alone says which layers depend on the embeddings.
+    """
     r, lat, lon = frame.level(level)
     nt, ny, nx = len(axis), len(lat), len(lon)
     size, shape = nt * ny * nx, (nt, ny, nx)
     switches = set(cfg["variables"])
-    ok, cell = D.point_cells(obs.lat, obs.lon, time_steps(ds_def.time, axis, obs.time,
-                                                          obs.precision),
-                             nt, frame.north, frame.west, r, ny, nx)
     layers: dict[str, np.ndarray] = {}
+    ok = cell = None
+    if not vision_only:
+        ok, cell = D.point_cells(obs.lat, obs.lon, time_steps(ds_def.time, axis, obs.time,
+                                                              obs.precision),
+                                 nt, frame.north, frame.west, r, ny, nx)
     if ds_def.registry:
-        stats = D.cell_statistics(cell, obs.species[ok], size, cfg["min_observations"],
-                                  visit=obs.day[ok])
-        area = np.broadcast_to(D.cell_area_km2(lat, r)[None, :, None], shape).ravel()
-        counts = stats["observation_count"]
-        density = np.full(size, np.nan, np.float32)
-        density[counts > 0] = counts[counts > 0] / area[counts > 0]
-        stats["observation_density"] = density
-        vok, vcell = D.point_cells(images.lat, images.lon,
-                                   time_steps(ds_def.time, axis, images.time, None),
-                                   nt, frame.north, frame.west, r, ny, nx)
-        stats["vision_count"] = np.bincount(vcell, minlength=size).astype(np.float32)
-        if rgb is not None and ds_def.rgb:
-            for i, name in enumerate(G.RGB_COMPOSITE):
-                stats[name] = D.grid_mean(vok, vcell, rgb[:, i], size)
+        stats = {"observations": {} if vision_only else
+                 _observation_stats(obs, ok, cell, lat, r, size, shape, cfg),
+                 "vision": _vision_stats(ds_def, frame, r, axis, images, rgb, size, ny, nx)}
         for var in G.GRID_VARIABLES.values():
-            if var.switch in switches and var.name in stats:
-                layers[var.name] = stats[var.name].reshape(shape)
-    wanted = list(range(len(species_names))) if ds_def.species == "all" else \
-        top if ds_def.species == "top" else []
+            values = stats[var.computed_from].get(var.name)
+            if var.switch in switches and values is not None:
+                layers[var.name] = values.reshape(shape)
+    wanted = [] if vision_only else list(range(len(species_names))) \
+        if ds_def.species == "all" else top if ds_def.species == "top" else []
     if wanted:
         n_sp = len(species_names)
         per = np.bincount(obs.species[ok].astype(np.int64) * size + cell,
@@ -217,6 +235,34 @@ def level_layers(ds_def: GridDataset, cfg: dict, frame: Frame, level: int, axis:
             name = G.SPECIES_FAMILY.prefix + S.species_slug(species_names[s_idx])
             layers[name] = per[s_idx].astype(np.float32).reshape(shape)
     return layers
+
+
+def _observation_stats(obs: Points, ok: np.ndarray, cell: np.ndarray, lat: np.ndarray,
+                       r: float, size: int, shape: tuple[int, int, int], cfg: dict
+                       ) -> dict[str, np.ndarray]:
+    """The registry layers computed from the observations, flat (one level)."""
+    stats = D.cell_statistics(cell, obs.species[ok], size, cfg["min_observations"],
+                              visit=obs.day[ok])
+    area = np.broadcast_to(D.cell_area_km2(lat, r)[None, :, None], shape).ravel()
+    counts = stats["observation_count"]
+    density = np.full(size, np.nan, np.float32)
+    density[counts > 0] = counts[counts > 0] / area[counts > 0]
+    stats["observation_density"] = density
+    return stats
+
+
+def _vision_stats(ds_def: GridDataset, frame: Frame, r: float, axis: TimeAxis,
+                  images: Points, rgb: np.ndarray | None, size: int, ny: int, nx: int
+                  ) -> dict[str, np.ndarray]:
+    """The registry layers computed from the embedded images, flat (one level)."""
+    vok, vcell = D.point_cells(images.lat, images.lon,
+                               time_steps(ds_def.time, axis, images.time, None),
+                               len(axis), frame.north, frame.west, r, ny, nx)
+    stats = {"vision_count": np.bincount(vcell, minlength=size).astype(np.float32)}
+    if rgb is not None and ds_def.rgb:
+        for i, name in enumerate(G.RGB_COMPOSITE):
+            stats[name] = D.grid_mean(vok, vcell, rgb[:, i], size)
+    return stats
 
 
 def _attrs_of(name: str, species_names: dict[str, str]) -> G.GridVariable:
@@ -232,19 +278,13 @@ def build_pyramid(ds_def: GridDataset, cfg: dict, bbox: tuple[float, float, floa
                   species_names: list[str], top: list[int],
                   attrs: dict) -> list[xr.Dataset]:
     """The levels of one pyramid as datasets (attributes and fitted colour ranges set)."""
-    res = float(cfg["resolution"]) if ds_def.fine == "period" else float(
-        cfg["all_years_resolution"] or cfg["resolution"] / 2)
-    frame = make_frame(bbox, res, cfg["num_levels"])
-    axis = time_axis(ds_def.time, obs.time, cfg["period"])
+    frame, axis = _frame_and_axis(ds_def, cfg, bbox, obs)
+    res = frame.resolution
     levels = [level_layers(ds_def, cfg, frame, lv, axis, obs, images, rgb, species_names, top)
               for lv in range(frame.num_levels)]
     slugs = {S.species_slug(n): n for n in species_names}
     out = []
-    # colour ranges from the two finest levels, the ones a map of the region shows (at
-    # 256 px for the region a pixel is finer than level 0's cells); coarser levels, seen
-    # only in thumbnails, may reach the top colour more often
-    fitted = {name: _attrs_of(name, slugs).color_range.fit([lv[name] for lv in levels[:FIT_LEVELS]])
-              for name in levels[0]}
+    fitted = _fit_ranges(levels, slugs)
     for lv, layers in enumerate(levels):
         r, lat, lon = frame.level(lv)
         ds = xr.Dataset({k: (("time", "lat", "lon"), v) for k, v in layers.items()},
@@ -274,6 +314,23 @@ def build_pyramid(ds_def: GridDataset, cfg: dict, bbox: tuple[float, float, floa
         })
         out.append(ds)
     return out
+
+
+def _frame_and_axis(ds_def: GridDataset, cfg: dict, bbox: tuple[float, float, float, float],
+                    obs: Points) -> tuple[Frame, TimeAxis]:
+    res = float(cfg["resolution"]) if ds_def.fine == "period" else float(
+        cfg["all_years_resolution"] or cfg["resolution"] / 2)
+    return make_frame(bbox, res, cfg["num_levels"]), time_axis(ds_def.time, obs.time,
+                                                               cfg["period"])
+
+
+def _fit_ranges(levels: list[dict[str, np.ndarray]], slugs: dict[str, str]
+                ) -> dict[str, tuple[float, float]]:
+    """Each layer's colour range, from the two finest levels: the ones a map of the region
+    shows (at 256 px for the region a pixel is finer than level 0's cells); coarser
+    levels, seen only in thumbnails, may reach the top colour more often."""
+    return {name: _attrs_of(name, slugs).color_range.fit([lv[name] for lv in levels[:FIT_LEVELS]])
+            for name in levels[0]}
 
 
 def _with_bounds(ds: xr.Dataset, res: float, axis: TimeAxis) -> xr.Dataset:
@@ -327,7 +384,7 @@ def build_grids(cfg: dict, obs: pd.DataFrame, images: pd.DataFrame, pooled: np.n
     bbox = grid_bbox(cfg, obs)
     points = Points.observations(obs)
     image_points = Points.images(images)
-    rgb = D.rgb_components(pooled) if "embedding_rgb" in cfg["variables"] else None
+    rgb = _rgb(cfg, pooled)
     counts = obs.groupby("species_index").size().sort_values(ascending=False, kind="stable")
     top = [int(i) for i in counts.index[: cfg["top_species"]]]
     names = list(species.taxon_name.astype(str))
@@ -351,5 +408,49 @@ def build_grids(cfg: dict, obs: pd.DataFrame, images: pd.DataFrame, pooled: np.n
     return done
 
 
+def _rgb(cfg: dict, pooled: np.ndarray) -> np.ndarray | None:
+    return D.rgb_components(pooled) if "embedding_rgb" in cfg["variables"] else None
+
+
+def refresh_vision_layers(cfg: dict, obs: pd.DataFrame, images: pd.DataFrame,
+                          pooled: np.ndarray, target) -> list[str]:
+    """Recompute only the :func:`vision_layers` of every pyramid into staged pyramids that
+    hold the previous release's other layers (the pipeline's grid refresh, used when the
+    observations, species and recipe are unchanged and only the embeddings differ; the
+    runner takes the rest with those arrays' chunks left out). Returns the arrays written.
+
+    The other layers, the coordinates and the level geometry depend on the observations
+    alone, so the result equals a full build.
+    """
+    from .encode import rewrite_arrays
+
+    bbox, points, image_points = grid_bbox(cfg, obs), Points.observations(obs), \
+        Points.images(images)
+    rgb = _rgb(cfg, pooled)
+    written = []
+    for ds_def in enabled_datasets(cfg):
+        if not vision_layers(ds_def, cfg):
+            continue
+        frame, axis = _frame_and_axis(ds_def, cfg, bbox, points)
+        levels = [level_layers(ds_def, cfg, frame, lv, axis, points, image_points, rgb, [], [],
+                               vision_only=True) for lv in range(frame.num_levels)]
+        fitted = _fit_ranges(levels, {})
+        name = S.CUBE_PATHS[ds_def.cube]
+        for lv, layers in enumerate(levels):
+            rewrite_arrays(target.staging_url(name, f"{lv}.zarr"), target.storage_options,
+                           layers, {k: dict(zip(("color_value_min", "color_value_max"),
+                                                fitted[k], strict=True)) for k in layers})
+            written += [f"{name}/{lv}.zarr/{k}" for k in layers]
+    return written
+
+
+def vision_arrays(cfg: dict) -> dict[str, tuple[str, ...]]:
+    """``{pyramid path: arrays inside it}`` that :func:`refresh_vision_layers` rewrites."""
+    return {S.CUBE_PATHS[d.cube]: tuple(f"{lv}.zarr/{k}" for lv in range(cfg["num_levels"])
+                                        for k in vision_layers(d, cfg))
+            for d in enabled_datasets(cfg)}
+
+
 __all__ = ["GRID_DATASETS", "GridDataset", "build_grids", "build_pyramid", "enabled_datasets",
-           "make_frame", "time_axis", "time_steps"]
+           "make_frame", "refresh_vision_layers", "time_axis", "time_steps", "vision_arrays",
+           "vision_layers"]

@@ -92,6 +92,9 @@ class GridVariable:
     comment: str = ""
     composite: str | None = None  # "rgb" for the channels of the embedding composite
     extra_attrs: dict = field(default_factory=dict)
+    # the points it is computed from: "observations", or "vision" (the embedded images and
+    # their pooled vectors: a rebuild that adds embeddings recomputes only these layers)
+    computed_from: str = "observations"
 
     @property
     def attrs(self) -> dict:
@@ -146,12 +149,13 @@ GRID_VARIABLES: dict[str, GridVariable] = {v.name: v for v in (
                  "inferno", ColorRange(), "simpson_diversity",
                  "area: 1 - sum p_i^2 over the species of the cell", _MIN_OBS),
     GridVariable("vision_count", "number of vision embeddings", "1", "cividis", _COUNT,
-                 "vision_count", "area: sum (vision embeddings in the cell)"),
+                 "vision_count", "area: sum (vision embeddings in the cell)",
+                 computed_from="vision"),
     *(GridVariable(f"embedding_{c}",
                    f"vision embedding composite, {colour} channel: principal component "
                    f"{i + 1} of the pooled vectors, scaled to [0, 1], cell mean", "1",
                    bar, _RGB, "embedding_rgb", "area: mean (of the images in the cell)",
-                   composite="rgb")
+                   composite="rgb", computed_from="vision")
       for i, (c, colour, bar) in enumerate((("r", "red", "Reds"), ("g", "green", "Greens"),
                                             ("b", "blue", "Blues")))),
 )}
