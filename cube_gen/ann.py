@@ -315,8 +315,19 @@ def register_similarity_stage() -> None:
     """Register the ``similarity`` stage after ``vision``."""
     from .pipeline import Stage, register_stage
 
-    register_stage(Stage("similarity", (SIMILARITY_PATH,), build_stage, needs=("vision",)),
-                   after="vision")
+    register_stage(Stage("similarity", (SIMILARITY_PATH,), build_stage, needs=("vision",),
+                         inputs=stage_inputs, version=INDEX_FORMAT), after="vision")
+
+
+def stage_inputs(ctx) -> dict[str, str]:
+    """What the ``similarity`` stage reads: the pooled vectors, the title (attributes) and
+    the size rule (exact search below :data:`EXACT_BELOW`)."""
+    from .incremental import content_digest
+    from .pipeline import recipe_digest
+
+    return {"vision": content_digest(ctx.results["vision"]),
+            "recipe": recipe_digest(ctx.recipe, "metadata.title"),
+            "code": content_digest(EXACT_BELOW, INDEX_KIND)}
 
 
 def open_similarity(cs) -> VectorIndex | None:

@@ -7,6 +7,10 @@ its file's digest with its row and ids. A rebuild takes every embedding whose di
 previous release also holds from that release (``features`` and ``attention`` chunks by
 hard link on disks or server-side copy on S3; pooled vectors, statistics and UMAP-RGB
 rows copied) and computes only the others.
+
+The other stages are reused as a whole (:func:`cube_gen.pipeline.run_recipe`): each
+declares an input key, content digests (:func:`content_digest`) of exactly what it
+reads; a stage whose key the previous release records unchanged is taken from it.
 """
 
 from __future__ import annotations
@@ -78,6 +82,47 @@ def row_digests(images: pd.DataFrame, files: dict[str, list], dtype: str) -> lis
         out.append(hashlib.sha256(f"{md5}:{int(r)}:{int(g)}:{int(n)}:{dtype}".encode())
                    .hexdigest()[:16])
     return out
+
+
+def _feed(h: Any, value: Any) -> None:
+    """Feed one value into a hash, unambiguously (type, shape and length prefixed)."""
+    if isinstance(value, pd.DataFrame):
+        h.update(f"frame{len(value)}:{list(map(str, value.columns))}".encode())
+        for col in value.columns:
+            _feed(h, value[col].to_numpy())
+    elif isinstance(value, np.ndarray) and value.dtype != object:
+        h.update(f"array{value.dtype.str}{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, np.ndarray | list | tuple):
+        h.update(f"seq{len(value)}[".encode())
+        for v in (value.ravel() if isinstance(value, np.ndarray) else value):
+            _feed(h, v)
+        h.update(b"]")
+    elif isinstance(value, dict):
+        h.update(f"map{len(value)}{{".encode())
+        for k in sorted(value, key=str):
+            _feed(h, str(k))
+            _feed(h, value[k])
+        h.update(b"}")
+    elif value is None or isinstance(value, str | int | float | bool | np.generic):
+        h.update(f"{type(value).__name__}:{value!r}\x1f".encode())
+    else:
+        raise TypeError(f"cannot digest a {type(value).__name__} (a stage input key takes "
+                        "tables, arrays, lists, mappings and plain values)")
+
+
+def content_digest(*parts: Any) -> str:
+    """Digest of tables, arrays, lists, mappings and plain values (one stage input)."""
+    h = hashlib.sha256()
+    for part in parts:
+        _feed(h, part)
+    return h.hexdigest()[:16]
+
+
+def files_digest(files: dict[str, list], *names: str) -> str:
+    """Digest of the contents of the named source files (from :func:`source_files`);
+    a missing file counts as such."""
+    return content_digest({n: (files[n][2] if n in files else None) for n in names})
 
 
 def vision_config_key(cfg: dict) -> str:
@@ -191,5 +236,5 @@ def _write_bytes(target: Target, url: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-__all__: list[Any] = ["reuse_vision", "reused_images", "row_digests", "source_digest",
+__all__: list[Any] = ["content_digest", "files_digest", "reuse_vision", "reused_images", "row_digests", "source_digest",
                       "source_files", "vision_config_key"]

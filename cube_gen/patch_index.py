@@ -425,7 +425,19 @@ def register_patch_stage() -> None:
     from .pipeline import Stage, register_stage
 
     register_stage(Stage("patches", (PATCHES_PATH,), build_stage,
-                         enabled=lambda r: bool(r.cubes["patches"]["enabled"])), after="vision")
+                         enabled=lambda r: bool(r.cubes["patches"]["enabled"]),
+                         inputs=stage_inputs, version=INDEX_FORMAT), after="vision")
+
+
+def stage_inputs(ctx) -> dict[str, str]:
+    """What the ``patches`` stage reads: the features (each embedding's content digest and
+    the vision section that stores them), ``cubes.patches`` and the title."""
+    from .incremental import content_digest, vision_config_key
+    from .pipeline import recipe_digest
+
+    return {"vision": content_digest(ctx.tables["row_digests"],
+                                     vision_config_key(ctx.recipe.cubes["vision"])),
+            "recipe": recipe_digest(ctx.recipe, "cubes.patches", "metadata.title")}
 
 
 # -- searching -------------------------------------------------------------------------------

@@ -179,5 +179,16 @@ def register() -> None:
     """Register the ``photos`` stage with the cube build (after ``vision``)."""
     from .pipeline import Stage, register_stage
 
-    register_stage(Stage("photos", (PHOTOS_DIR,), build_photos, enabled=source_has_photos),
-                   after="vision")
+    register_stage(Stage("photos", (PHOTOS_DIR,), build_photos, enabled=source_has_photos,
+                         inputs=stage_inputs), after="vision")
+
+
+def stage_inputs(ctx) -> dict[str, str]:
+    """What the ``photos`` stage reads: the source's photo files and the embedded images."""
+    from .incremental import content_digest
+
+    files = ctx.tables["source_files"]
+    photos = {k: v[2] for k, v in files.items() if k.startswith(f"{PHOTOS_DIR}/")}
+    images = ctx.tables["images"]
+    return {"photos": content_digest(photos),
+            "images": content_digest(images.gbif_id.to_numpy(), images.image_number.to_numpy())}

@@ -8,6 +8,16 @@ Built-in stages: vision (Dask tasks that stream embeddings), species, observatio
 grid; other modules add theirs with :func:`register_stage`. Re-running a recipe over
 an unchanged source changes nothing; embeddings whose content digest the current
 release holds are reused (:mod:`cube_gen.incremental`).
+
+Stage reuse (one mechanism, in the runner): a stage declares ``inputs``, named content
+digests of exactly what it reads (source files, recipe sections, the image table, the
+pooled vectors), to which the runner adds its code format (stage version, schema and
+package version, outputs). The release manifest records every stage's key
+(``stage_inputs``). When the previous release holds the same key, the stage's outputs are
+taken from it (hard links on disk, server-side copies on S3) instead of being built; when
+only inputs named by the stage's :class:`Refresh` differ (the embeddings), the outputs are
+taken without the arrays derived from those inputs, and the refresh rewrites just these.
+Any other difference, or a previous release without keys, builds the stage in full.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ from . import source_layout as L
 from .encode import dataset_from_spec, encoding_for, open_staged_template, write_dataset
 from .errors import CubeError
 from .incremental import (
+    content_digest,
+    files_digest,
     reuse_vision,
     reused_images,
     row_digests,
@@ -43,7 +55,7 @@ from .incremental import (
 from .index import chunk_extents, order_images, order_observations, species_table
 from .reader import SourceDataset
 from .recipe import Recipe
-from .release import Resolved, publish, resolve
+from .release import ZARR_METADATA, Resolved, publish, resolve, take_tree
 from .store import Target, zarr_store
 from .vision_stage import finished_parts, load_parts, plan_tasks, run_task
 
@@ -140,6 +152,23 @@ class BuildContext:
 
 
 @dataclass(frozen=True)
+class Refresh:
+    """How a stage brings the previous release's outputs up to date when only some of its
+    inputs changed.
+
+    ``inputs``: the names of the stage's inputs that may differ; ``arrays(recipe)``:
+    ``{output path: array paths inside it}`` computed from those inputs, whose chunks are
+    not taken from the previous release; ``run(ctx)`` writes exactly these arrays into the
+    staged outputs (:func:`cube_gen.encode.rewrite_arrays`). Every other array of the
+    outputs must depend only on the unchanged inputs.
+    """
+
+    inputs: tuple[str, ...]
+    arrays: Callable[[Recipe], dict[str, tuple[str, ...]]]
+    run: Callable[[BuildContext], Any]
+
+
+@dataclass(frozen=True)
 class Stage:
     """One step of the pipeline, registered with :func:`register_stage`.
 
@@ -148,6 +177,12 @@ class Stage:
     ``ctx.results[name]``; ``reload(ctx)`` gives that result again when the stage is
     skipped because its staged outputs are complete (a resumed run); ``needs``: stages
     whose results it reads; ``enabled(recipe)``: whether the recipe asks for it.
+
+    Reuse (see the module docstring): ``inputs(ctx)`` gives named content digests of
+    everything the stage reads (None: always built); ``version``: its output format, to
+    be raised whenever the code writes something different from the same inputs;
+    ``refresh``: a partial rebuild (:class:`Refresh`). A reused stage's result is None,
+    so a stage that others ``need`` declares no inputs.
     """
 
     name: str
@@ -156,10 +191,21 @@ class Stage:
     needs: tuple[str, ...] = ()
     reload: Callable[[BuildContext], Any] | None = None
     enabled: Callable[[Recipe], bool] | None = None
+    inputs: Callable[[BuildContext], dict[str, str]] | None = None
+    version: int = 1
+    refresh: Refresh | None = None
 
     def output_paths(self, recipe: Recipe) -> tuple[str, ...]:
         out = self.outputs(recipe) if callable(self.outputs) else self.outputs
         return tuple(out)
+
+    def key(self, ctx: BuildContext) -> dict[str, str] | None:
+        """The stage's input key: its ``inputs`` plus its code format; None: no reuse."""
+        if self.inputs is None:
+            return None
+        fmt = content_digest(self.name, self.version, S.SCHEMA_VERSION, __version__,
+                             list(self.output_paths(ctx.recipe)))
+        return {**self.inputs(ctx), "format": fmt}
 
 
 STAGES: list[Stage] = []
@@ -187,12 +233,64 @@ def _marker(target: Target, output: str) -> str:
     return target.staging(f"{output}.done")
 
 
-def _stage_done(target: Target, stage: Stage, outputs: tuple[str, ...], run: dict) -> bool:
+def _stage_done(target: Target, stage: Stage, outputs: tuple[str, ...], run: dict
+                ) -> str | None:
+    """How the stage's complete staged outputs were made ("built" or "refreshed"), or None
+    when they are not complete."""
+    how = None
     for out in outputs:
-        marker = target.read_json(_marker(target, out))
-        if marker != {**run, "stage": stage.name} or not target.fs.exists(target.staging(out)):
-            return False
-    return True
+        marker = target.read_json(_marker(target, out)) or {}
+        if {k: marker.get(k) for k in (*run, "stage")} != {**run, "stage": stage.name} \
+                or not target.fs.exists(target.staging(out)):
+            return None
+        how = marker.get("how", "built")
+    return how or "built"
+
+
+def recipe_digest(recipe: Recipe, *sections: str) -> str:
+    """Digest of recipe sections named by dotted paths (``cubes.grid``, ``metadata``)."""
+    parts = {}
+    for dotted in sections:
+        node: Any = recipe.data
+        for k in dotted.split("."):
+            node = node[k]
+        parts[dotted] = node
+    return content_digest(parts)
+
+
+def reuse_mode(stage: Stage, key: dict[str, str] | None, previous: Resolved | None,
+               recipe: Recipe) -> str | None:
+    """``"reused"`` when the previous release holds the stage's outputs built from the same
+    key, ``"refreshed"`` when only inputs its :class:`Refresh` recomputes differ, else
+    None (build it)."""
+    if key is None or previous is None or previous.version is None:
+        return None
+    old = (previous.manifest.get("stage_inputs") or {}).get(stage.name)
+    files = previous.files or {}
+    if not old or not all(any(f.startswith(f"{out}/") or f == out for f in files)
+                          for out in stage.output_paths(recipe)):
+        return None
+    changed = {k for k in key.keys() | old.keys() if key.get(k) != old.get(k)}
+    if not changed:
+        return "reused"
+    if stage.refresh is not None and changed <= set(stage.refresh.inputs):
+        return "refreshed"
+    return None
+
+
+def _take_for_refresh(ctx: BuildContext, stage: Stage) -> None:
+    """Take the stage's outputs from the previous release into staging, without the
+    chunks of the arrays its refresh rewrites (their metadata is kept, copied)."""
+    arrays = stage.refresh.arrays(ctx.recipe)
+    for out in stage.output_paths(ctx.recipe):
+        skip = tuple(f"{a}/" for a in arrays.get(out, ()))
+
+        def leave_out(rel: str, skip=skip) -> bool:
+            return rel.startswith(skip) and rel.rsplit("/", 1)[-1] not in ZARR_METADATA
+
+        ctx.target.remove(ctx.target.staging(out))
+        take_tree(ctx.target, ctx.target.path(*ctx.previous.prefix, out),
+                  ctx.target.staging(out), leave_out)
 
 
 def _current(target: Target) -> Resolved | None:
@@ -258,21 +356,48 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> str:
 
     # Build every stage whose staged outputs are not complete. Nothing outside staging
     # changes until all are, so a source error found late leaves the target untouched.
+    # Stages whose input key the previous release holds are taken from it (module doc).
     staged: list[str] = []
+    reuse: dict[str, str] = {}
+    keys: dict[str, dict[str, str]] = {}
+    made: dict[str, str] = {}
     plan = [s for s in STAGES if s.enabled is None or s.enabled(recipe)]
     needed = {n for s in plan for n in s.needs}
     for st in plan:
         outputs = st.output_paths(recipe)
-        if _stage_done(target, st, outputs, run):
+        key = st.key(ctx)
+        if key is not None:
+            keys[st.name] = key
+        done = _stage_done(target, st, outputs, run)
+        mode = None if done else reuse_mode(st, key, previous, recipe)
+        if done:
+            made[st.name] = done
             if st.name in needed and st.reload is not None:
                 ctx.results[st.name] = st.reload(ctx)
+        elif mode == "reused":
+            t0 = time.perf_counter()
+            reuse.update({out: target.path(*previous.prefix, out) for out in outputs})
+            ctx.results[st.name] = None
+            made[st.name] = mode
+            STAGE_SECONDS[st.name] = time.perf_counter() - t0  # the links come at publish
+            continue
         else:
             for out in outputs:
                 target.remove(_marker(target, out))
-            ctx.results[st.name] = st.build(ctx)
+            if mode == "refreshed":
+                t0 = time.perf_counter()
+                _take_for_refresh(ctx, st)
+                ctx.results[st.name] = st.refresh.run(ctx)
+                STAGE_SECONDS[st.name] = time.perf_counter() - t0
+            else:
+                ctx.results[st.name] = st.build(ctx)
+            made[st.name] = mode or "built"
             for out in outputs:
-                target.write_json(_marker(target, out), {**run, "stage": st.name})
+                target.write_json(_marker(target, out),
+                                  {**run, "stage": st.name, "how": made[st.name]})
         staged.extend(outputs)
+    if progress and any(v != "built" for v in made.values()):
+        tqdm.write("[stages] " + ", ".join(f"{k}: {v}" for k, v in made.items()))
 
     # Publish: a new version; one atomic write of cubeset.json makes it current.
     t_pub = _Stage("publish", progress)
@@ -281,7 +406,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> str:
         "recipe": fingerprint,
         "schema_version": S.SCHEMA_VERSION,
         "generator": f"deepearth-cube {__version__}",
-        "cubes": {c: p for c, p in S.CUBE_PATHS.items() if p in staged},
+        "cubes": {c: p for c, p in S.CUBE_PATHS.items() if p in staged or p in reuse},
         "counts": {"observations": len(obs), "species": len(species), "images": len(images)},
         "bbox": bbox,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -292,7 +417,9 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> str:
         "source_files": files,
         "vision_config": vision_config_key(vision_cfg),
         "rows": {"vision": digests},
-    })
+        "stage_inputs": keys,
+        "stage_builds": made,
+    }, reuse=reuse, previous=previous)
     target.remove(target.staging())
     t_pub.done(f"(version {vid})")
     return target.url
@@ -311,16 +438,32 @@ def _register_builtin_stages() -> None:
     register_stage(Stage("vision", (S.CUBE_PATHS[S.VISION],), lambda c: build_vision(
         c.recipe, c.target, c.tables["images"], c.tables["species"], c.progress, ctx=c),
         reload=_reload_pooled), before=STAGES[0].name if STAGES else None)
-    register_stage(Stage("species", (S.CUBE_PATHS[S.SPECIES],), lambda c: build_species(
-        c.recipe, c.target, c.tables["species"], c.tables["images"], c.progress)),
+    from .grid import refresh_vision_layers, vision_arrays
+
+    species_path, obs_path = S.CUBE_PATHS[S.SPECIES], S.CUBE_PATHS[S.OBSERVATIONS]
+    register_stage(Stage("species", (species_path,), lambda c: build_species(
+        c.recipe, c.target, c.tables["species"], c.tables["images"], c.progress),
+        inputs=lambda c: _table_inputs(c, "cubes.species"),
+        refresh=Refresh(("images",), lambda r: {species_path: SPECIES_FROM_IMAGES},
+                        lambda c: _rewrite(c, species_path, _species_from_images(
+                            c.tables["species"], c.tables["images"])))),
         after="vision")
-    register_stage(Stage("observations", (S.CUBE_PATHS[S.OBSERVATIONS],),
+    register_stage(Stage("observations", (obs_path,),
                          lambda c: build_observations(c.recipe, c.target, c.tables["obs"],
-                                                      c.tables["images"], c.progress)),
+                                                      c.tables["images"], c.progress),
+                         inputs=lambda c: _table_inputs(c, "cubes.observations"),
+                         refresh=Refresh(("images",),
+                                         lambda r: {obs_path: OBSERVATIONS_FROM_IMAGES},
+                                         lambda c: _rewrite(c, obs_path, _observations_from_images(
+                                             c.tables["obs"], c.tables["images"])))),
                    after="species")
     register_stage(Stage("grid", _grid_outputs, lambda c: build_grid(
         c.recipe, c.target, c.tables["obs"], c.tables["images"], c.results["vision"],
-        c.tables["species"], c.progress), needs=("vision",)), after="observations")
+        c.tables["species"], c.progress), needs=("vision",), inputs=_grid_inputs,
+        refresh=Refresh(("vision",), lambda r: vision_arrays(r.cubes["grid"]),
+                        lambda c: refresh_vision_layers(
+                            c.recipe.cubes["grid"], c.tables["obs"], c.tables["images"],
+                            c.results["vision"], c.target))), after="observations")
     from .ann import register_similarity_stage  # pooled-vector index above a size (H3)
 
     register_similarity_stage()
@@ -330,6 +473,47 @@ def _register_builtin_stages() -> None:
     from .photos import register as register_photos_stage  # synthetic sources only (H6)
 
     register_photos_stage()
+
+
+def _table_inputs(ctx: BuildContext, section: str) -> dict[str, str]:
+    """Inputs of the species and observations stages: the observations file (their
+    tables and the species table come from it alone), their recipe section and the
+    metadata (attributes), and the image table (the few variables counting embeddings,
+    which a refresh rewrites)."""
+    return {"observations": files_digest(ctx.tables["source_files"], L.OBSERVATIONS_FILE),
+            "recipe": recipe_digest(ctx.recipe, section, "metadata"),
+            "images": _images_digest(ctx)}
+
+
+def _images_digest(ctx: BuildContext) -> str:
+    digests = ctx.tables.setdefault("input_digests", {})
+    if "images" not in digests:
+        digests["images"] = content_digest(ctx.tables["images"])
+    return digests["images"]
+
+
+def _grid_inputs(ctx: BuildContext) -> dict[str, str]:
+    """Inputs of the grid stage: the observations file, ``cubes.grid`` and the metadata,
+    the grid-variable registry (names, attributes, colour rules), and, as ``vision``, the
+    image table and the pooled vectors (the embedding composite): all the
+    :func:`cube_gen.grid.vision_layers` read."""
+    from . import grid_variables as G
+
+    cfg = ctx.recipe.cubes["grid"]
+    pooled = ctx.results["vision"] if "embedding_rgb" in cfg["variables"] else None
+    return {"observations": files_digest(ctx.tables["source_files"], L.OBSERVATIONS_FILE),
+            "recipe": recipe_digest(ctx.recipe, "cubes.grid", "metadata"),
+            "registry": content_digest(repr(G.GRID_VARIABLES), repr(G.SPECIES_FAMILY)),
+            "vision": content_digest(_images_digest(ctx), pooled)}
+
+
+def _rewrite(ctx: BuildContext, path: str, values: dict[str, np.ndarray]) -> list[str]:
+    """A refresh: write ``values`` into the staged cube ``path`` (taken from the previous
+    release without these arrays' chunks)."""
+    from .encode import rewrite_arrays
+
+    rewrite_arrays(ctx.staging_url(path), ctx.target.storage_options, values)
+    return [f"{path}/{k}" for k in values]
 
 
 def _grid_outputs(recipe: Recipe) -> tuple[str, ...]:
@@ -467,19 +651,27 @@ def build_vision(recipe: Recipe, target: Target, images: pd.DataFrame, species: 
 
 
 # -- species -------------------------------------------------------------------------------
+SPECIES_FROM_IMAGES = ("vision_count",)  # computed from the image table (see Refresh)
+
+
+def _species_from_images(species: pd.DataFrame, images: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The species variables computed from the image table: :data:`SPECIES_FROM_IMAGES`."""
+    count = np.bincount(images.species_index.to_numpy(), minlength=len(species))
+    return {"vision_count": count.astype(np.int32)}
+
+
 def build_species(recipe: Recipe, target: Target, species: pd.DataFrame, images: pd.DataFrame,
                   progress: bool) -> None:
     stage = _Stage("species", progress)
     cfg = recipe.cubes["species"]
     language = np.stack(species.language_embedding.to_numpy()).astype(np.float32)
     coords3, cluster, colors, cluster_colors, method = D.species_projection(language)
-    vision_count = np.bincount(images.species_index.to_numpy(), minlength=len(species))
     data = {
         "taxon_id": species.taxon_id.to_numpy(object),
         "taxon_name": species.taxon_name.to_numpy(object),
         "genus": species.genus.to_numpy(object),
         "observation_count": species.observation_count.to_numpy(np.int32),
-        "vision_count": vision_count.astype(np.int32),
+        **_species_from_images(species, images),
         "language_embedding": language,
         "umap": coords3,
         "cluster": cluster,
@@ -497,6 +689,17 @@ def build_species(recipe: Recipe, target: Target, species: pd.DataFrame, images:
 
 
 # -- observations --------------------------------------------------------------------------
+OBSERVATIONS_FROM_IMAGES = ("num_embeddings",)  # computed from the image table
+
+
+def _observations_from_images(obs: pd.DataFrame, images: pd.DataFrame
+                              ) -> dict[str, np.ndarray]:
+    """The observation variables computed from the image table:
+    :data:`OBSERVATIONS_FROM_IMAGES`."""
+    count = np.bincount(images.obs_index.to_numpy(), minlength=len(obs))
+    return {"num_embeddings": count.astype(np.int16)}
+
+
 def build_observations(recipe: Recipe, target: Target, obs: pd.DataFrame, images: pd.DataFrame,
                        progress: bool) -> None:
     stage = _Stage("observations", progress)
@@ -507,7 +710,6 @@ def build_observations(recipe: Recipe, target: Target, obs: pd.DataFrame, images
     for i, lst in enumerate(obs.image_urls):
         if lst is not None and len(lst):
             urls[i, : len(lst)] = list(lst)
-    num_emb = np.bincount(images.obs_index.to_numpy(), minlength=n).astype(np.int16)
     gid = obs.gbif_id.to_numpy(np.int64)
     order = np.argsort(gid, kind="stable")
     ext = chunk_extents(obs, cfg["chunk_size"])
@@ -519,7 +721,7 @@ def build_observations(recipe: Recipe, target: Target, obs: pd.DataFrame, images
         "split": obs.split_code.to_numpy(np.int8),
         "has_vision": obs.has_vision.to_numpy(bool),
         "num_images": obs.num_images.to_numpy(np.int16),
-        "num_embeddings": num_emb,
+        **_observations_from_images(obs, images),
         "time_precision": obs.time_precision.to_numpy(np.int8),
         "image_urls": urls,
         "gbif_id_sorted": gid[order],
