@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from cube_gen import ann
 from cube_gen.analysis import top_k_cosine
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> str:
     index = ann.VectorIndex.build(x)  # every core, as in the recipe
     t_build = time.perf_counter() - t
     faiss.omp_set_num_threads(1)  # queries: one thread each, as in the server
+    threadpool_limits(limits=1, user_api="blas")  # the server's BLAS setting too
     rng = np.random.default_rng(1)
     queries = rng.choice(args.n, args.queries, replace=False)
     allowed = rng.random(args.n) < 0.10
