@@ -169,7 +169,9 @@ def test_selective_filters_scan_the_allowed_rows_pca_vectors(unit, index, monkey
     pca, codes = index._codes()
     q = unit[123]
     np.testing.assert_allclose(codes[:5], pca.apply(unit[:5]), atol=1e-5)  # the graph's rows
-    cand = index.candidates(q, 100, allowed)
+    walked = index.candidates(q, 100, allowed)  # a filter's first query walks the graph
+    assert allowed[walked].all() and len(index._subsets) == 0
+    cand = index.candidates(q, 100, allowed)  # the second scans the allowed rows
     rows = np.flatnonzero(allowed)
     d = ((codes[rows] - pca.apply(q[None])[0]) ** 2).sum(axis=1)
     np.testing.assert_array_equal(np.sort(cand), np.sort(rows[np.argsort(d)[:100]]))
@@ -177,8 +179,12 @@ def test_selective_filters_scan_the_allowed_rows_pca_vectors(unit, index, monkey
     index.candidates(unit[7], 100, allowed)  # the same filter: its gathered rows reused
     assert len(index._subsets) == 1
     monkeypatch.setattr(ann, "SUBSET_CACHE_BYTES", 1)  # at most one filter kept
-    index.candidates(q, 100, rng.random(N) < 0.1)
-    assert len(index._subsets) == 1
+    other = rng.random(N) < 0.1
+    index.candidates(q, 100, other)
+    index.candidates(q, 100, other)
+    assert len(index._subsets) == 1 and index._key(other) in index._subsets
     wide = rng.random(N) < 0.4  # above SCAN_FRACTION: the graph with the bitmap selector
     assert _mean_recall(unit, index, wide) >= 0.95 and len(index._subsets) == 1
-    assert _mean_recall(unit, index, rng.random(N) < 0.2) >= 0.99
+    repeated = rng.random(N) < 0.2
+    index.candidates(q, 10, repeated)  # seen once: the queries below scan
+    assert _mean_recall(unit, index, repeated) >= 0.99
