@@ -148,8 +148,10 @@ class VectorIndex:
             frac = float(allowed.mean()) if self.n else 0.0
             if frac == 0.0:
                 return np.zeros(0, np.int64)
-            if frac <= SCAN_FRACTION and self._codes() is not None and self._repeated(allowed):
-                return self.scan(q, n, allowed)
+            if frac <= SCAN_FRACTION and self._codes() is not None:
+                key = self._key(allowed)
+                if self._repeated(key):
+                    return self.scan(q, n, allowed, key)
             if frac < 1.0:
                 bits = np.packbits(allowed, bitorder="little")
                 selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(bits))
@@ -185,12 +187,12 @@ class VectorIndex:
     def _key(allowed: np.ndarray) -> bytes:
         return hashlib.blake2b(np.packbits(allowed).tobytes(), digest_size=16).digest()
 
-    def _repeated(self, allowed: np.ndarray) -> bool:
-        """Whether this filter was seen before (its rows cached, or asked once already).
+    def _repeated(self, key: bytes) -> bool:
+        """Whether the filter of this :meth:`_key` was seen before (its rows cached, or
+        asked once already).
 
         The first query under a filter walks the graph (gathering the allowed rows costs
         more than one walk); from the second on, the filter's rows are scanned."""
-        key = self._key(allowed)
         with self._lock:
             if key in self._subsets or key in self._seen:
                 return True
@@ -199,7 +201,8 @@ class VectorIndex:
                 self._seen.popitem(last=False)
         return False
 
-    def scan(self, query: np.ndarray, n: int, allowed: np.ndarray) -> np.ndarray:
+    def scan(self, query: np.ndarray, n: int, allowed: np.ndarray, key: bytes | None = None
+             ) -> np.ndarray:
         """Up to ``n`` allowed rows nearest to the unit ``query`` by an exact scan of the
         allowed rows' PCA vectors (L2, as the graph ranks them).
 
@@ -212,7 +215,7 @@ class VectorIndex:
         :meth:`candidates` scans only a filter it has seen before.
         """
         pca, codes = self._codes()
-        key = self._key(allowed)
+        key = key or self._key(allowed)
         with self._lock:
             sub = self._subsets.get(key)
             if sub is not None:
@@ -343,8 +346,7 @@ def register_similarity_stage() -> None:
 def stage_inputs(ctx) -> dict[str, str]:
     """What the ``similarity`` stage reads: the pooled vectors, the title (attributes) and
     the size rule (exact search below :data:`EXACT_BELOW`)."""
-    from .incremental import content_digest
-    from .pipeline import recipe_digest
+    from .incremental import content_digest, recipe_digest
 
     return {"vision": content_digest(ctx.results["vision"]),
             "recipe": recipe_digest(ctx.recipe, "metadata.title"),

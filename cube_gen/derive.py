@@ -7,7 +7,7 @@ import colorsys
 import numpy as np
 import pandas as pd
 
-from .embedding_math import _pca_scores, normalise, project_3d
+from .embedding_math import EXACT_KNN_MAX, _pca_scores, normalise, project_3d
 
 
 def hex_color(rgb) -> str:
@@ -38,10 +38,10 @@ def species_projection(language: np.ndarray, min_cluster_size: int = 3, seed: in
     return coords, cluster, colors, cluster_colors, method
 
 
-def vision_projection(pooled: np.ndarray, seed: int = 42):
-    """3-D UMAP (cosine) of the pooled vectors (approximate neighbours above
-    :data:`cube_gen.embedding_math.EXACT_KNN_MAX` images); PCA when there are very few."""
-    return project_3d(pooled, metric="cosine", n_neighbors=15, seed=seed)
+def vision_projection(pooled: np.ndarray, seed: int = 42, exact_max: int = EXACT_KNN_MAX):
+    """3-D UMAP (cosine) of the pooled vectors (approximate neighbours above ``exact_max``
+    images); PCA when there are very few."""
+    return project_3d(pooled, metric="cosine", n_neighbors=15, seed=seed, exact_max=exact_max)
 
 
 def rgb_components(pooled: np.ndarray) -> np.ndarray:

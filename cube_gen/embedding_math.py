@@ -126,10 +126,9 @@ def _pca_scores(x: np.ndarray, k: int = N_PCA, block: int = 65_536) -> np.ndarra
         w, v = np.clip(w[order], 0, None), v[:, order]
         scores = (v * np.sqrt(w)).astype(np.float32)
     else:
-        top = pca_basis(x, k_eff, mean, block).astype(np.float64)
-        scores = np.concatenate([
-            ((x[lo:lo + block].astype(np.float32) - mean).astype(np.float64) @ top)
-            .astype(np.float32) for lo in range(0, n, block)])
+        top = pca_basis(x, k_eff, mean, block)
+        scores = np.concatenate([(x[lo:lo + block].astype(np.float32) - mean) @ top
+                                 for lo in range(0, n, block)])
     return _fix_signs(scores, k)
 
 
@@ -367,6 +366,7 @@ def _knn(x: np.ndarray, k: int, metric: str = "cosine", block: int = 2048):
 
 
 EXACT_KNN_MAX = 50_000  # rows: above, :func:`project_3d` finds neighbours approximately
+APPROXIMATE_UMAP = "umap (approximate neighbours: HNSW over PCA-64)"
 
 
 def knn_approximate(x: np.ndarray, k: int, metric: str = "cosine", seed: int = 42,
@@ -401,8 +401,7 @@ def knn_approximate(x: np.ndarray, k: int, metric: str = "cosine", seed: int = 4
     _, cand = index.search(y, 3 * k)  # three times the neighbours, re-ranked exactly below
     rows = np.arange(n)[:, None]
     valid = (cand >= 0) & (cand != rows)
-    cand = np.where(valid, cand, rows)
-    cand = np.ascontiguousarray(cand, np.int64)
+    cand = np.ascontiguousarray(np.where(valid, cand, rows), np.int64)
     out = np.empty(cand.shape, np.float32)  # exact distances of the candidates (no gather)
     by_idx = faiss.fvec_inner_products_by_idx if metric == "cosine" else faiss.fvec_L2sqr_by_idx
     by_idx(faiss.swig_ptr(out), faiss.swig_ptr(x), faiss.swig_ptr(x), faiss.swig_ptr(cand),
@@ -594,5 +593,3 @@ def project_3d(x: np.ndarray, metric: str = "cosine", n_neighbors: int = 15, see
         knn, method = knn_approximate(x, k, metric, seed), APPROXIMATE_UMAP
     return umap_layout(x, 3, k, n_epochs=epochs, seed=seed, metric=metric, knn=knn), method
 
-
-APPROXIMATE_UMAP = "umap (approximate neighbours: HNSW over PCA-64)"

@@ -27,7 +27,7 @@ import zarr
 from . import schema as S
 from . import source_layout as L
 from .integrity import md5_file
-from .release import Resolved, link_file
+from .release import ZARR_METADATA, Resolved, link_file, take_tree
 from .store import Target, zarr_store
 
 
@@ -123,6 +123,53 @@ def files_digest(files: dict[str, list], *names: str) -> str:
     """Digest of the contents of the named source files (from :func:`source_files`);
     a missing file counts as such."""
     return content_digest({n: (files[n][2] if n in files else None) for n in names})
+
+
+def recipe_digest(recipe: Any, *sections: str) -> str:
+    """Digest of recipe sections named by dotted paths (``cubes.grid``, ``metadata``)."""
+    parts = {}
+    for dotted in sections:
+        node: Any = recipe.data
+        for k in dotted.split("."):
+            node = node[k]
+        parts[dotted] = node
+    return content_digest(parts)
+
+
+def reuse_mode(stage: Any, key: dict[str, str] | None, previous: Resolved | None,
+               recipe: Any) -> str | None:
+    """``"reused"`` when the previous release holds the stage's outputs built from the same
+    key, ``"refreshed"`` when only inputs its :class:`~cube_gen.pipeline.Refresh` recomputes
+    differ, else
+    None (build it)."""
+    if key is None or previous is None or previous.version is None:
+        return None
+    old = (previous.manifest.get("stage_inputs") or {}).get(stage.name)
+    files = previous.files or {}
+    if not old or not all(any(f.startswith(f"{out}/") or f == out for f in files)
+                          for out in stage.output_paths(recipe)):
+        return None
+    changed = {k for k in key.keys() | old.keys() if key.get(k) != old.get(k)}
+    if not changed:
+        return "reused"
+    if stage.refresh is not None and changed <= set(stage.refresh.inputs):
+        return "refreshed"
+    return None
+
+
+def take_for_refresh(ctx: Any, stage: Any) -> None:
+    """Take the stage's outputs from the previous release into staging, without the
+    chunks of the arrays its refresh rewrites (their metadata is kept, copied)."""
+    arrays = stage.refresh.arrays(ctx.recipe)
+    for out in stage.output_paths(ctx.recipe):
+        skip = tuple(f"{a}/" for a in arrays.get(out, ()))
+
+        def leave_out(rel: str, skip=skip) -> bool:
+            return rel.startswith(skip) and rel.rsplit("/", 1)[-1] not in ZARR_METADATA
+
+        ctx.target.remove(ctx.target.staging(out))
+        take_tree(ctx.target, ctx.target.path(*ctx.previous.prefix, out),
+                  ctx.target.staging(out), leave_out)
 
 
 def vision_config_key(cfg: dict) -> str:
@@ -236,5 +283,6 @@ def _write_bytes(target: Target, url: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-__all__: list[Any] = ["content_digest", "files_digest", "reuse_vision", "reused_images", "row_digests", "source_digest",
-                      "source_files", "vision_config_key"]
+__all__: list[Any] = ["content_digest", "files_digest", "recipe_digest", "reuse_mode",
+                      "reuse_vision", "reused_images", "row_digests", "source_digest",
+                      "source_files", "take_for_refresh", "vision_config_key"]

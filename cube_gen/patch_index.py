@@ -432,8 +432,7 @@ def register_patch_stage() -> None:
 def stage_inputs(ctx) -> dict[str, str]:
     """What the ``patches`` stage reads: the features (each embedding's content digest and
     the vision section that stores them), ``cubes.patches`` and the title."""
-    from .incremental import content_digest, vision_config_key
-    from .pipeline import recipe_digest
+    from .incremental import content_digest, recipe_digest, vision_config_key
 
     return {"vision": content_digest(ctx.tables["row_digests"],
                                      vision_config_key(ctx.recipe.cubes["vision"])),

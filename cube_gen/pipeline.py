@@ -45,17 +45,20 @@ from .errors import CubeError
 from .incremental import (
     content_digest,
     files_digest,
+    recipe_digest,
+    reuse_mode,
     reuse_vision,
     reused_images,
     row_digests,
     source_digest,
     source_files,
+    take_for_refresh,
     vision_config_key,
 )
 from .index import chunk_extents, order_images, order_observations, species_table
 from .reader import SourceDataset
 from .recipe import Recipe
-from .release import ZARR_METADATA, Resolved, publish, resolve, take_tree
+from .release import Resolved, publish, resolve
 from .store import Target, zarr_store
 from .vision_stage import finished_parts, load_parts, plan_tasks, run_task
 
@@ -247,52 +250,6 @@ def _stage_done(target: Target, stage: Stage, outputs: tuple[str, ...], run: dic
     return how or "built"
 
 
-def recipe_digest(recipe: Recipe, *sections: str) -> str:
-    """Digest of recipe sections named by dotted paths (``cubes.grid``, ``metadata``)."""
-    parts = {}
-    for dotted in sections:
-        node: Any = recipe.data
-        for k in dotted.split("."):
-            node = node[k]
-        parts[dotted] = node
-    return content_digest(parts)
-
-
-def reuse_mode(stage: Stage, key: dict[str, str] | None, previous: Resolved | None,
-               recipe: Recipe) -> str | None:
-    """``"reused"`` when the previous release holds the stage's outputs built from the same
-    key, ``"refreshed"`` when only inputs its :class:`Refresh` recomputes differ, else
-    None (build it)."""
-    if key is None or previous is None or previous.version is None:
-        return None
-    old = (previous.manifest.get("stage_inputs") or {}).get(stage.name)
-    files = previous.files or {}
-    if not old or not all(any(f.startswith(f"{out}/") or f == out for f in files)
-                          for out in stage.output_paths(recipe)):
-        return None
-    changed = {k for k in key.keys() | old.keys() if key.get(k) != old.get(k)}
-    if not changed:
-        return "reused"
-    if stage.refresh is not None and changed <= set(stage.refresh.inputs):
-        return "refreshed"
-    return None
-
-
-def _take_for_refresh(ctx: BuildContext, stage: Stage) -> None:
-    """Take the stage's outputs from the previous release into staging, without the
-    chunks of the arrays its refresh rewrites (their metadata is kept, copied)."""
-    arrays = stage.refresh.arrays(ctx.recipe)
-    for out in stage.output_paths(ctx.recipe):
-        skip = tuple(f"{a}/" for a in arrays.get(out, ()))
-
-        def leave_out(rel: str, skip=skip) -> bool:
-            return rel.startswith(skip) and rel.rsplit("/", 1)[-1] not in ZARR_METADATA
-
-        ctx.target.remove(ctx.target.staging(out))
-        take_tree(ctx.target, ctx.target.path(*ctx.previous.prefix, out),
-                  ctx.target.staging(out), leave_out)
-
-
 def _current(target: Target) -> Resolved | None:
     try:
         res = resolve(target)
@@ -386,7 +343,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> str:
                 target.remove(_marker(target, out))
             if mode == "refreshed":
                 t0 = time.perf_counter()
-                _take_for_refresh(ctx, st)
+                take_for_refresh(ctx, st)
                 ctx.results[st.name] = st.refresh.run(ctx)
                 STAGE_SECONDS[st.name] = time.perf_counter() - t0
             else:

@@ -174,7 +174,9 @@ def vision_projection(pooled: np.ndarray, how: str = "auto") -> tuple[np.ndarray
     if how == "pca":
         return em._pca_scores(pooled, 3)[:, :3], "pca"
     if how == "approximate":
-        return em.project_3d(pooled, metric="cosine", n_neighbors=15, exact_max=0)
+        from .derive import vision_projection as recipe_projection
+
+        return recipe_projection(pooled, exact_max=0)
     return None
 
 
