@@ -19,6 +19,7 @@ from .schema import ATTENTION_FRAMES, ATTENTION_METHODS, IMAGE_STATS
 
 N_PCA = 5
 UMAP_EPOCHS = 120  # layout epochs of :func:`umap_layout` (umap-learn uses 500 below 10k points)
+UMAP_RGB_EPOCHS = 40  # UMAP-RGB: started from the principal components, it needs fewer
 
 
 def single_threaded_blas(func):
@@ -48,8 +49,9 @@ def _entropy(x: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def _xlogx_float16() -> np.ndarray:
-    """``v * log(v)`` (float32) for every non-negative float16 bit pattern (0 for v = 0)."""
-    v = np.arange(1 << 15, dtype=np.uint16).view(np.float16).astype(np.float64)
+    """``|v| * log|v|`` (float32) for every float16 bit pattern (0 for v = 0)."""
+    v = np.abs(np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+               .astype(np.float64))
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(v > 0, v * np.log(np.where(v > 0, v, 1.0)), 0.0)
     return out.astype(np.float32)
@@ -58,12 +60,11 @@ def _xlogx_float16() -> np.ndarray:
 def _sum_xlogx(abs_values: np.ndarray, f16: np.ndarray | None = None) -> np.ndarray:
     """Sum over the last axis of a * log(a) for non-negative ``abs_values``.
 
-    With the float16 tensor the logs come from a 32k-entry table (float16 has no more
-    values), several times faster than ``np.log`` on millions of values.
+    With the float16 tensor the terms come from a 64k-entry table of every float16 bit
+    pattern, about twice as fast as ``np.log`` on millions of float32 values.
     """
-    if f16 is not None:
-        table = _xlogx_float16()
-        return table[f16.view(np.uint16) & np.uint16(0x7FFF)].sum(axis=-1)
+    if f16 is not None:  # np.take with mode="clip": no bounds checks, 1.5x faster than []
+        return np.take(_xlogx_float16(), f16.view(np.uint16), mode="clip").sum(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.log(abs_values)
     logs[abs_values == 0] = 0
@@ -245,7 +246,7 @@ def _reductions(prep: _Prepared) -> tuple[np.ndarray, dict[str, float]]:
     out[2] = _entropy_from_sums(s_abs, s_xlogx)
     # variance over frames, per (patch, feature), averaged: sum over frames of (x - mean)^2
     diff = np.subtract(frames, mean[None], out=abs_frames)
-    frame_var = float(np.einsum("vpf,vpf->", diff, diff, dtype=np.float64)) / diff.size
+    frame_var = float(np.einsum("vpf,vpf->vp", diff, diff).sum(dtype=np.float64)) / diff.size
     stats = {
         "mean_l2norm": float(out[0, 0].mean(dtype=np.float64)),
         "mean_entropy": float(out[2, 0].mean(dtype=np.float64)),
@@ -255,7 +256,8 @@ def _reductions(prep: _Prepared) -> tuple[np.ndarray, dict[str, float]]:
     return out, stats
 
 
-def _summaries(prep: _Prepared, red: np.ndarray) -> np.ndarray:
+def _summaries(prep: _Prepared, red: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The attention summaries and the frame mean's principal component scores (P, 5)."""
     n_frames, py, px, _ = prep.shape
     out = np.empty((len(ATTENTION_METHODS), n_frames + 1, py * px), np.float32)
     out[:3] = red
@@ -263,7 +265,7 @@ def _summaries(prep: _Prepared, red: np.ndarray) -> np.ndarray:
     out[3:, 0, :] = scores.T
     for v in range(n_frames):  # frames are close to their mean: start from its basis
         out[3:, v + 1, :] = pca_scores_fast(prep.frames[v], start=basis).T
-    return out.reshape(len(ATTENTION_METHODS), len(ATTENTION_FRAMES), py, px)
+    return out.reshape(len(ATTENTION_METHODS), len(ATTENTION_FRAMES), py, px), scores
 
 
 @dataclass
@@ -285,9 +287,10 @@ def embedding_products(feats: np.ndarray, with_umap_rgb: bool = True) -> Embeddi
     """All per-image products in one pass (what the recipe's vision stage writes)."""
     prep = _prepare(feats)
     red, stats = _reductions(prep)
-    attention = _summaries(prep, red)
+    attention, mean_scores = _summaries(prep, red)
     pooled = prep.mean.mean(axis=0, dtype=np.float64).astype(np.float32)
-    rgb = _umap_rgb(prep.mean, prep.shape[1], prep.shape[2]) if with_umap_rgb else None
+    rgb = _umap_rgb(prep.mean, prep.shape[1], prep.shape[2], init=mean_scores) \
+        if with_umap_rgb else None
     return EmbeddingProducts(attention, pooled, stats, rgb)
 
 
@@ -300,7 +303,7 @@ def attention_summaries(feats: np.ndarray) -> np.ndarray:
     """
     prep = _prepare(feats)
     red, _ = _reductions(prep)
-    return _summaries(prep, red)
+    return _summaries(prep, red)[0]
 
 
 def attention_map(feats: np.ndarray, method: str = "l2norm", frame: str | int = "mean") -> np.ndarray:
@@ -420,6 +423,9 @@ def knn_approximate(x: np.ndarray, k: int, metric: str = "cosine", seed: int = 4
     return idx.astype(np.int64), dist.astype(np.float64)
 
 
+_DENSE_GRAPH_MAX = 2048  # rows: up to this many, the fuzzy graph is built as a dense matrix
+
+
 def _fuzzy_graph(x: np.ndarray, n_neighbors: int, metric: str = "cosine", knn=None):
     """UMAP's fuzzy simplicial set of the rows of x, from exact (or given) k-NN.
 
@@ -452,7 +458,15 @@ def _fuzzy_graph(x: np.ndarray, n_neighbors: int, metric: str = "cosine", knn=No
     sigma = np.maximum(mid, floor)
     w = np.exp(-np.maximum(kd - rho[:, None], 0) / sigma[:, None])
     w[idx == np.arange(n)[:, None]] = 0.0
-    a = csr_matrix((w.ravel(), (np.repeat(np.arange(n), k), idx.ravel())), shape=(n, n))
+    rows = np.repeat(np.arange(n), k)
+    if n <= _DENSE_GRAPH_MAX:  # one image's patches: dense arithmetic, 5x faster than sparse
+        a = np.zeros((n, n))
+        a[rows, idx.ravel()] = w.ravel()
+        dense = a + a.T - a * a.T
+        heads, tails = np.nonzero(dense > 0)
+        return heads.astype(np.int64), tails.astype(np.int64), dense[heads, tails], \
+            csr_matrix(dense)
+    a = csr_matrix((w.ravel(), (rows, idx.ravel())), shape=(n, n))
     g = (a + a.T - a.multiply(a.T)).tocoo()
     keep = g.data > 0
     return g.row[keep].astype(np.int64), g.col[keep].astype(np.int64), g.data[keep], g.tocsr()
@@ -479,7 +493,7 @@ def _spectral_init(g: np.ndarray, dim: int, rng: np.random.Generator) -> np.ndar
 
 def umap_layout(x: np.ndarray, n_components: int = 3, n_neighbors: int = 15,
                 n_epochs: int = UMAP_EPOCHS, seed: int = 42, metric: str = "cosine",
-                knn=None) -> np.ndarray:
+                knn=None, init: np.ndarray | None = None) -> np.ndarray:
     """UMAP (cosine, min_dist 0.1, spectral start) of the rows of x: (n, n_components) float32.
 
     umap-learn's graph and loss, optimised with full-batch epochs in NumPy (each edge
@@ -487,7 +501,8 @@ def umap_layout(x: np.ndarray, n_components: int = 3, n_neighbors: int = 15,
     instead of per-edge SGD, so it needs no numba compilation (minutes per process on a
     busy machine) and takes tens of milliseconds for 576 points. Deterministic for a seed.
     ``knn`` = (indices, distances), each (n, n_neighbors) with the row itself first, replaces
-    the exact neighbour search (e.g. from an approximate index for large n).
+    the exact neighbour search (e.g. from an approximate index for large n); ``init``
+    (n, n_components) replaces the spectral start (e.g. the first principal components).
     """
     x = np.asarray(x, np.float32)
     n = len(x)
@@ -497,7 +512,11 @@ def umap_layout(x: np.ndarray, n_components: int = 3, n_neighbors: int = 15,
     heads, tails, w, g = _fuzzy_graph(x, n_neighbors, metric, knn)
     keep = w >= w.max() / n_epochs
     heads, tails, w = heads[keep], tails[keep], w[keep]
-    y = _spectral_init(g, n_components, rng)
+    if init is None:
+        y = _spectral_init(g, n_components, rng)
+    else:
+        y = np.asarray(init, np.float64)[:, :n_components]
+        y = y * (10.0 / max(float(np.abs(y).max()), 1e-12)) + rng.normal(0, 1e-4, y.shape)
     span = y.max(axis=0) - y.min(axis=0)
     y = 10.0 * (y - y.min(axis=0)) / np.where(span > 0, span, 1)
     a, b = np.float32(_UMAP_A), np.float32(_UMAP_B)
@@ -534,9 +553,13 @@ def umap_layout(x: np.ndarray, n_components: int = 3, n_neighbors: int = 15,
     return y.astype(np.float32)
 
 
-def _umap_rgb(mean: np.ndarray, py: int, px: int, n_neighbors: int = 15, seed: int = 42
-              ) -> np.ndarray:
-    emb = umap_layout(mean, 3, n_neighbors, seed=seed)
+def _umap_rgb(mean: np.ndarray, py: int, px: int, n_neighbors: int = 15, seed: int = 42,
+              init: np.ndarray | None = None, n_epochs: int = UMAP_RGB_EPOCHS) -> np.ndarray:
+    """UMAP-RGB of the frame-mean patches, started from their first three principal
+    components (``init``: computed here unless given, as :func:`_summaries` has them)."""
+    if init is None:
+        init = pca_scores_fast(mean)
+    emb = umap_layout(mean, 3, n_neighbors, n_epochs=n_epochs, seed=seed, init=init[:, :3])
     rgb = np.stack([normalise(emb[:, i]) for i in range(3)], axis=-1)
     return np.round(rgb * 255).astype(np.uint8).reshape(py, px, 3)
 

@@ -178,3 +178,22 @@ def test_project_3d_uses_approximate_neighbours_above_the_limit():
     d = np.linalg.norm(y[:, None] - y[None], axis=-1)
     same = labels[:, None] == labels[None]
     assert np.median(d[same]) * 3 < np.median(d[~same])
+
+
+def test_umap_rgb_agrees_with_the_spectral_start_at_full_epochs(feats):
+    """The PCA-started short layout (UMAP_RGB_EPOCHS) against the earlier default (spectral
+    start, UMAP_EPOCHS): the patch colour distances rank-correlate; the sparse fuzzy graph
+    and the dense one of small inputs are the same graph."""
+    mean = em._prepare(feats).mean
+    earlier = em.umap_layout(mean, 3, 15, n_epochs=em.UMAP_EPOCHS)
+    ours = em.umap_rgb(feats).reshape(576, 3).astype(float)
+    rho = spearmanr(pdist(ours), pdist(earlier)).statistic
+    assert rho > 0.6, rho
+    dense = em._fuzzy_graph(mean, 15)
+    limit, em._DENSE_GRAPH_MAX = em._DENSE_GRAPH_MAX, 0
+    try:
+        sparse = em._fuzzy_graph(mean, 15)
+    finally:
+        em._DENSE_GRAPH_MAX = limit
+    for a, b in zip(dense[:3], sparse[:3], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
