@@ -119,9 +119,7 @@ def cell_statistics(cell: np.ndarray, species: np.ndarray, size: int,
     shannon = np.zeros(size, np.float64)
     simpson = np.ones(size, np.float64)
     if len(cell):
-        pairs, pair_counts = np.unique(np.stack([cell, np.asarray(species, np.int64)]), axis=1,
-                                       return_counts=True)
-        pcell = pairs[0]
+        pcell, pair_counts = _distinct_pairs(cell, species, return_counts=True)
         p = pair_counts / counts[pcell]
         richness += np.bincount(pcell, minlength=size)
         shannon += np.bincount(pcell, weights=-p * np.log(p), minlength=size)
@@ -142,8 +140,23 @@ def distinct_count(cell: np.ndarray, key: np.ndarray, size: int) -> np.ndarray:
     """Number of distinct ``key`` values per flat cell (float32; 0 where empty)."""
     if len(cell) == 0:
         return np.zeros(size, np.float32)
-    pairs = np.unique(np.stack([np.asarray(cell, np.int64), np.asarray(key, np.int64)]), axis=1)
-    return np.bincount(pairs[0], minlength=size).astype(np.float32)
+    return np.bincount(_distinct_pairs(cell, key), minlength=size).astype(np.float32)
+
+
+def _distinct_pairs(cell: np.ndarray, key: np.ndarray, return_counts: bool = False):
+    """The cell of each distinct (cell, key) pair, ordered by cell then key (and how many
+    points each pair has): one 1-D unique of ``cell * span + key`` (5-10x faster than a
+    unique over the stacked pairs, ``axis=1``), the stacked unique where that overflows."""
+    cell, key = np.asarray(cell, np.int64), np.asarray(key, np.int64)
+    lo = int(key.min())
+    span = int(key.max()) - lo + 1
+    if int(cell.max()) < (1 << 62) // span and int(cell.min()) >= 0:
+        uniq = np.unique(cell * span + (key - lo), return_counts=return_counts)
+        if return_counts:
+            return uniq[0] // span, uniq[1]
+        return uniq // span
+    pairs = np.unique(np.stack([cell, key]), axis=1, return_counts=return_counts)
+    return (pairs[0][0], pairs[1]) if return_counts else pairs[0]
 
 
 def cell_area_km2(lat: np.ndarray, resolution: float) -> np.ndarray:

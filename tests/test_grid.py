@@ -154,3 +154,15 @@ def test_time_axes_of_the_aggregations(tiny_cubes, obs):
     assert everything.sizes["time"] == 1
     bounds = pd.DatetimeIndex(everything.time_bnds.values[0])
     assert bounds[0].year == obs.year.min() and bounds[1].year == obs.year.max() + 1
+
+
+def test_distinct_pairs_equal_a_unique_over_the_stacked_pairs():
+    rng = np.random.default_rng(3)
+    cell, key = rng.integers(0, 5000, 20_000), rng.integers(-3, 300, 20_000)
+    pairs, counts = np.unique(np.stack([cell, key]), axis=1, return_counts=True)
+    got, got_counts = D._distinct_pairs(cell, key, return_counts=True)
+    np.testing.assert_array_equal(got, pairs[0])
+    np.testing.assert_array_equal(got_counts, counts)
+    huge = cell.astype(np.int64) << 50  # a key span that would overflow: the stacked path
+    np.testing.assert_array_equal(D._distinct_pairs(huge, key), np.unique(
+        np.stack([huge, key]), axis=1)[0])
