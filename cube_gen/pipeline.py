@@ -362,19 +362,23 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> str:
     stage = _Stage("read", progress)
     source = SourceDataset(recipe.source["path"], recipe.source["storage_options"])
     previous = _current(target)
-    files = source_files(source, (previous.manifest.get("source_files")
-                                  if previous is not None else None))
-    digest = source_digest(files)
-    if previous is not None and previous.manifest.get("recipe") == fingerprint and \
-            previous.manifest.get("source_digest") == digest:
-        if target.fs.exists(target.staging()):  # left by a run killed after its switch
-            target.remove(target.staging())
-        if progress:
-            tqdm.write(f"cube set at {target.url} is up to date (version {previous.version})")
-        return target.url
-
-    # the Dask cluster starts (and its workers import the task modules) during the read
-    with BuildCompute(recipe["compute"]).start() as compute:
+    # The Dask cluster starts (and its workers import the task modules) on a thread while
+    # the source is hashed and read: at once for a first build, which always builds.
+    with BuildCompute(recipe["compute"]) as compute:
+        if previous is None:
+            compute.start()
+        files = source_files(source, (previous.manifest.get("source_files")
+                                      if previous is not None else None))
+        digest = source_digest(files)
+        if previous is not None and previous.manifest.get("recipe") == fingerprint and \
+                previous.manifest.get("source_digest") == digest:
+            if target.fs.exists(target.staging()):  # left by a run killed after its switch
+                target.remove(target.staging())
+            if progress:
+                tqdm.write(f"cube set at {target.url} is up to date "
+                           f"(version {previous.version})")
+            return target.url
+        compute.start()
         return _build(recipe, target, fingerprint, progress, stage, source, previous, files,
                       digest, compute)
 
