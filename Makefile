@@ -35,7 +35,10 @@ test: install
 	$(PYTHON) -m pytest -q --durations=25 tests $(PYTEST_ARGS)
 
 # Each step is skipped when its output exists (synth and gen publish folders atomically).
+# The project's bytecode first (install.sh compiles the rest): with PYTHONDONTWRITEBYTECODE
+# set, every process of the build would otherwise compile cube_gen and server again.
 demo: install
+	@$(PYTHON) -m compileall -q cube_gen server > /dev/null
 	@if [ ! -d $(DEMO_SOURCE) ]; then \
 		echo "==> deepearth synth --preset demo --out $(DEMO_SOURCE)"; \
 		$(DEEPEARTH) synth --preset demo --out $(DEMO_SOURCE); \

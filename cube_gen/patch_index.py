@@ -257,13 +257,24 @@ def _prefetched(read: Callable[[int], np.ndarray], images: Sequence[int], batch:
             yield from zip(group, feats, strict=True)
 
 
+def _check_features(i: int, feats: np.ndarray, n_features: int) -> None:
+    if feats.shape[1:3] != (L.N_PATCH, L.N_PATCH) or feats.shape[-1] != n_features:
+        raise CubeError(f"image {i}: features of shape {feats.shape}, expected "
+                        f"(frame, {L.N_PATCH}, {L.N_PATCH}, {n_features})")
+
+
 def build_index(read: Callable[[int], np.ndarray], n_images: int, spec: IndexSpec,
-                n_features: int = L.N_FEATURES, progress: bool = False) -> tuple[Any, dict]:
+                n_features: int = L.N_FEATURES, progress: bool = False,
+                reuse_sample: bool = True) -> tuple[Any, dict]:
     """Build the FAISS index of every image's patch vectors.
 
     ``read(i)`` returns image ``i``'s (frame, patch_y, patch_x, feature) features. Two
     passes: a training sample (evenly spread images), then every image in order (a
     streaming pass: memory holds one batch of images, the training sample and the index).
+    When the training sample is every patch of every image (at most ``train_patches``),
+    the second pass adds the sample's rows instead of reading the images again
+    (``reuse_sample``; the same vectors, added in the same order and batches: the same
+    index, byte for byte).
     Returns the index and build statistics.
     """
     faiss = _faiss()
@@ -277,12 +288,16 @@ def build_index(read: Callable[[int], np.ndarray], n_images: int, spec: IndexSpe
     if plan.kind == "flat":
         index = faiss.IndexFlatL2(n_features)
         t_train = 0.0
+        every = False
     else:
         images, per_image = train_images(n_images, spec)
+        every = reuse_sample and per_image == PATCHES_PER_IMAGE and len(images) == n_images
         sample = np.empty((len(images) * per_image, n_features), np.float32)
         bar = tqdm(total=len(images), desc="patch index: training sample", unit="emb",
                    disable=not progress)
-        for k, (_, feats) in enumerate(_prefetched(read, images, spec.batch_images)):
+        for k, (i, feats) in enumerate(_prefetched(read, images, spec.batch_images)):
+            if every:
+                _check_features(i, feats, n_features)
             vec = patch_vectors(feats)
             take = rng.choice(PATCHES_PER_IMAGE, per_image, replace=False) \
                 if per_image < PATCHES_PER_IMAGE else slice(None)
@@ -292,7 +307,8 @@ def build_index(read: Callable[[int], np.ndarray], n_images: int, spec: IndexSpe
         pca = faiss.PCAMatrix(n_features, plan.dims, 0, True)
         pca.train(sample[rng.permutation(len(sample))[:max(4 * plan.dims, 50_000)]])
         reduced = pca.apply(sample)
-        del sample
+        if not every:
+            del sample
         ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(plan.dims), plan.dims, plan.nlist,
                                plan.pq_bytes, 8)
         ivf.cp.seed = spec.seed
@@ -303,14 +319,18 @@ def build_index(read: Callable[[int], np.ndarray], n_images: int, spec: IndexSpe
         t_train = time.perf_counter() - t0
     t1 = time.perf_counter()
     bar = tqdm(total=n_images, desc="patch index", unit="emb", disable=not progress)
-    for i, feats in _prefetched(read, range(n_images), spec.batch_images):
-        if feats.shape[1:3] != (L.N_PATCH, L.N_PATCH) or feats.shape[-1] != n_features:
-            raise CubeError(f"image {i}: features of shape {feats.shape}, expected "
-                            f"(frame, {L.N_PATCH}, {L.N_PATCH}, {n_features})")
-        if index.ntotal != i * PATCHES_PER_IMAGE:  # ids are positions: add in order
-            raise RuntimeError(f"patch index out of step at image {i}")
-        index.add(patch_vectors(feats))
-        bar.update(1)
+    if every:  # the sample is every image's vectors, in order
+        for i in range(n_images):
+            index.add(sample[i * PATCHES_PER_IMAGE:(i + 1) * PATCHES_PER_IMAGE])
+            bar.update(1)
+        del sample
+    else:
+        for i, feats in _prefetched(read, range(n_images), spec.batch_images):
+            _check_features(i, feats, n_features)
+            if index.ntotal != i * PATCHES_PER_IMAGE:  # ids are positions: add in order
+                raise RuntimeError(f"patch index out of step at image {i}")
+            index.add(patch_vectors(feats))
+            bar.update(1)
     bar.close()
     t_add = time.perf_counter() - t1
     stats = {"train_seconds": round(t_train, 3), "add_seconds": round(t_add, 3),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -69,21 +70,94 @@ warnings.filterwarnings("ignore", message="Consolidated metadata is currently no
 @contextlib.contextmanager
 def dask_client(compute: dict):
     """A distributed client for the recipe's ``compute`` section, or None for in-process."""
-    scheduler = compute.get("scheduler") or "local"
-    if scheduler in ("synchronous", "threads"):
-        yield None
-        return
+    with BuildCompute(compute) as compute:
+        yield compute.client()
+
+
+def _open_client(compute: dict, stack: contextlib.ExitStack):
+    """A client of the ``compute`` section (a new LocalCluster for ``local``), closed by
+    ``stack``. Not made the default scheduler: stages submit to it explicitly, and any
+    other Dask computation of the build stays in-process."""
     from distributed import Client, LocalCluster
 
+    scheduler = compute.get("scheduler") or "local"
     if scheduler == "local":
-        with LocalCluster(n_workers=compute["n_workers"],
-                          threads_per_worker=compute["threads_per_worker"],
-                          memory_limit=compute["memory_limit"], processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
-            yield client
+        cluster = LocalCluster(n_workers=compute["n_workers"],
+                               threads_per_worker=compute["threads_per_worker"],
+                               memory_limit=compute["memory_limit"], processes=True,
+                               dashboard_address=None)
+        stack.callback(cluster.close)
+        client = Client(cluster, set_as_default=False)
     else:
-        with Client(scheduler) as client:
-            yield client
+        client = Client(scheduler, set_as_default=False)
+    stack.callback(client.close)
+    return client
+
+
+class BuildCompute:
+    """The build's Dask client: started once per build, in the background, and shared by
+    every stage that submits tasks.
+
+    :meth:`start` starts the cluster (the recipe's ``compute`` section) on a thread and then imports the task modules on every worker
+    (:func:`cube_gen.vision_stage.warm_worker`), so both overlap the read stage instead of
+    adding to the first Dask stage; :meth:`client` waits for it (None: in-process);
+    :meth:`close` shuts the cluster down (its worker processes exit) and is safe to call
+    more than once and before :meth:`start`.
+    """
+
+    def __init__(self, compute: dict):
+        self.compute = compute
+        self._stack = contextlib.ExitStack()
+        self._thread: threading.Thread | None = None
+        self._client = None
+        self._error: BaseException | None = None
+        self._closed = False
+
+    @property
+    def in_process(self) -> bool:
+        return (self.compute.get("scheduler") or "local") in ("synchronous", "threads")
+
+    def start(self) -> BuildCompute:
+        if self._thread is None and not self.in_process and not self._closed:
+            self._thread = threading.Thread(target=self._start, name="deepearth-dask-start",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def _start(self) -> None:
+        try:
+            from .vision_stage import warm_worker
+
+            client = _open_client(self.compute, self._stack)
+            client.run(warm_worker)  # the task modules' imports, on every worker at once
+            self._client = client
+        except BaseException as exc:  # noqa: BLE001 - re-raised by client()
+            self._error = exc
+
+    def client(self):
+        """The started client (waits for :meth:`start`), or None for in-process."""
+        if self.in_process:
+            return None
+        if self._closed:
+            raise RuntimeError("the build's Dask cluster is already shut down")
+        self.start()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._client
+
+    def close(self) -> None:
+        self._closed = True
+        if self._thread is not None:
+            self._thread.join()
+        self._client = None
+        self._stack.close()
+
+    def __enter__(self) -> BuildCompute:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -146,6 +220,7 @@ class BuildContext:
     tables: dict[str, Any]  # obs, images, species, bbox, source_files, row_digests
     results: dict[str, Any] = field(default_factory=dict)
     previous: Resolved | None = None  # the current release before this build
+    compute: BuildCompute | None = None  # the build's Dask client (one cluster per build)
 
     def staging_url(self, *parts: str) -> str:
         return self.target.staging_url(*parts)
@@ -287,23 +362,36 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> str:
     stage = _Stage("read", progress)
     source = SourceDataset(recipe.source["path"], recipe.source["storage_options"])
     previous = _current(target)
-    files = source_files(source, (previous.manifest.get("source_files")
-                                  if previous is not None else None))
-    digest = source_digest(files)
-    if previous is not None and previous.manifest.get("recipe") == fingerprint and \
-            previous.manifest.get("source_digest") == digest:
-        if target.fs.exists(target.staging()):  # left by a run killed after its switch
-            target.remove(target.staging())
-        if progress:
-            tqdm.write(f"cube set at {target.url} is up to date (version {previous.version})")
-        return target.url
+    # The Dask cluster starts (and its workers import the task modules) on a thread while
+    # the source is hashed and read: at once for a first build, which always builds.
+    with BuildCompute(recipe["compute"]) as compute:
+        if previous is None:
+            compute.start()
+        files = source_files(source, (previous.manifest.get("source_files")
+                                      if previous is not None else None))
+        digest = source_digest(files)
+        if previous is not None and previous.manifest.get("recipe") == fingerprint and \
+                previous.manifest.get("source_digest") == digest:
+            if target.fs.exists(target.staging()):  # left by a run killed after its switch
+                target.remove(target.staging())
+            if progress:
+                tqdm.write(f"cube set at {target.url} is up to date "
+                           f"(version {previous.version})")
+            return target.url
+        compute.start()
+        return _build(recipe, target, fingerprint, progress, stage, source, previous, files,
+                      digest, compute)
 
+
+def _build(recipe: Recipe, target: Target, fingerprint: str, progress: bool, stage: _Stage,
+           source: SourceDataset, previous: Resolved | None, files: dict, digest: str,
+           compute: BuildCompute) -> str:
     # read and validate the whole source before touching the target
     obs, images, species, bbox = read_tables(source, stage)
     digests = row_digests(images, files, recipe.cubes["vision"]["dtype"])
     ctx = BuildContext(recipe, target, fingerprint, progress, {
         "obs": obs, "images": images, "species": species, "bbox": bbox,
-        "source_files": files, "row_digests": digests}, previous=previous)
+        "source_files": files, "row_digests": digests}, previous=previous, compute=compute)
 
     # Staging belongs to one (recipe, source): anything else found there is stale.
     run = {"recipe": fingerprint, "source": digest}
@@ -579,7 +667,11 @@ def build_vision(recipe: Recipe, target: Target, images: pd.DataFrame, species: 
             target.storage_options, parts_url, cfg["dtype"], cfg["umap_rgb"])
     bar = tqdm(total=len(images), initial=n - sum(len(t.images) for t in todo),
                desc="vision embeddings", unit="emb", disable=not progress)
-    with dask_client(recipe["compute"]) as client:
+    own = None if ctx is not None and ctx.compute is not None else \
+        BuildCompute(recipe["compute"])
+    compute = own or ctx.compute
+    with own or contextlib.nullcontext():
+        client = compute.client() if todo else None
         if client is None:
             for t in todo:
                 run_task(t, *args)
@@ -590,7 +682,7 @@ def build_vision(recipe: Recipe, target: Target, images: pd.DataFrame, species: 
             futures = {client.submit(run_task, t, *args, key=f"vision-{t.name}-{fingerprint}",
                                      pure=False): t for t in todo}
             try:
-                for fut in as_completed(futures):
+                for fut in as_completed(futures, loop=client.loop):
                     fut.result()  # re-raises a task's error here, naming its file and row
                     bar.update(len(futures[fut].images))
             except BaseException:

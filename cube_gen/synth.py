@@ -10,6 +10,7 @@ Deterministic for a seed.
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import shutil
@@ -154,9 +155,10 @@ def _observations(rng: np.random.Generator, preset: Preset, species: pd.DataFram
     rng.shuffle(sp)
     lat = np.empty(n)
     lon = np.empty(n)
+    habitat = species.habitat.to_numpy()
+    patches_of = {h: np.flatnonzero(patch_habitat == h) for h in set(habitat)}
     for i, s in enumerate(sp):
-        hab = species.habitat.iat[s]
-        options = np.flatnonzero(patch_habitat == hab)
+        options = patches_of[habitat[s]]
         p = options[int(rng.integers(len(options)))] if rng.random() < 0.85 else \
             int(rng.integers(n_patches))
         lat[i] = centres[p, 0] + rng.normal(0, patch_radius[p])
@@ -173,8 +175,10 @@ def _observations(rng: np.random.Generator, preset: Preset, species: pd.DataFram
     peak = species.peak_month.to_numpy()[sp]
     month = ((peak - 1 + np.round(rng.normal(0, 1.6, n)).astype(int)) % 12) + 1
     month = np.where(year == L.TEST_YEAR, ((month - 1) % 10) + 1, month)  # 2025: Jan-Oct
-    day = np.array([rng.integers(1, pd.Period(f"{y}-{m:02d}").days_in_month + 1)
-                    for y, m in zip(year, month, strict=True)])
+    days_in = {(y, m): calendar.monthrange(int(y), int(m))[1]
+               for y, m in set(zip(year.tolist(), month.tolist(), strict=True))}
+    day = np.array([rng.integers(1, days_in[(y, m)] + 1)
+                    for y, m in zip(year.tolist(), month.tolist(), strict=True)])
     hour = np.clip(np.round(rng.normal(12.5, 2.6, n)), 6, 20).astype(int)
     minute = rng.integers(0, 60, n)
     second = rng.integers(0, 60, n)
@@ -418,10 +422,13 @@ def _write(root: str, p: Preset, seed: int, progress: bool) -> None:
     signatures = plan.signatures
     n_files = -(-len(emb_rows) // p.embeddings_per_file)
     sp = obs.sp.to_numpy()
-    table = observation_table(plan)
-    pq.write_table(table, f"{root}/{L.OBSERVATIONS_FILE}", compression=p.compression,
-                   row_group_size=4096)
-    del table
+
+    def tables_and_photos() -> None:  # everything but the embedding files
+        table = observation_table(plan)
+        pq.write_table(table, f"{root}/{L.OBSERVATIONS_FILE}", compression=p.compression,
+                       row_group_size=4096)
+        del table
+        write_photos(root, seed, emb_rows, gbif, sp, species.taxon_name.to_numpy(), progress)
 
     gbif = obs.gbif_id.to_numpy()
     index_rows = []
@@ -438,18 +445,20 @@ def _write(root: str, p: Preset, seed: int, progress: bool) -> None:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(workers) as pool:
-            for fut in as_completed([pool.submit(_write_embedding_file, job) for job in jobs]):
+            futures = [pool.submit(_write_embedding_file, job) for job in jobs]
+            tables_and_photos()  # meanwhile, here (it would otherwise run before or after)
+            for fut in as_completed(futures):
                 rows_done = fut.result()
                 index_rows.extend(rows_done)
                 bar.update(len(rows_done))
         index_rows.sort(key=lambda r: (r[1], r[2]))
     else:
+        tables_and_photos()
         for job in jobs:
             rows_done = _write_embedding_file(job)
             index_rows.extend(rows_done)
             bar.update(len(rows_done))
     bar.close()
-    write_photos(root, seed, emb_rows, gbif, sp, species.taxon_name.to_numpy(), progress)
     index = pd.DataFrame(index_rows, columns=["gbif_id", "file_idx", "row_idx"])
     pq.write_table(pa.Table.from_pandas(index, schema=L.VISION_INDEX_SCHEMA, preserve_index=False),
                    f"{root}/{L.VISION_INDEX_FILE}")

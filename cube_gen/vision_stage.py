@@ -168,3 +168,13 @@ def finished_parts(parts_path: str, target_options: dict[str, Any]) -> set[str]:
     if not fs.exists(root):
         return set()
     return {p.rsplit("/", 1)[-1][:-4] for p in fs.glob(f"{root}/part-*.npz")}
+
+
+def warm_worker() -> None:
+    """Import what :func:`run_task` imports (run on every worker when the build's cluster
+    starts, while the read stage runs, so the first task does not pay for it)."""
+    import fsspec  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+    import zarr  # noqa: F401
+
+    from . import chunkio, reader, store  # noqa: F401

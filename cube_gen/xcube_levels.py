@@ -28,6 +28,7 @@ from xcube.util.jsonschema import JsonObjectSchema, JsonStringSchema
 
 from cube_gen import schema as S
 from cube_gen.access import CubeSet
+from cube_gen.xcube_config import store_config  # noqa: F401 - its home before
 
 
 class CheckedLevels(LazyMultiLevelDataset):
@@ -152,16 +153,3 @@ class DeepEarthDataStore(DataStore):
 
     def search_data(self, data_type=None, **search_params):
         return iter(())
-
-
-def store_config(url: str, datasets: list[dict], storage_options: dict | None = None,
-                 version: str | None = None) -> dict:
-    """An xcube ``DataStores`` entry serving the grid pyramids through the checked store;
-    ``datasets``: entries with ``Identifier`` (a grid cube key) plus Style, Variables, ..."""
-    params: dict[str, Any] = {"url": url}
-    if storage_options:
-        params["storage_options"] = dict(storage_options)
-    if version is not None:
-        params["version"] = version
-    return {"Identifier": "deepearth", "StoreId": "deepearth", "StoreParams": params,
-            "Datasets": [{"Path": d["Identifier"], **d} for d in datasets]}

@@ -210,7 +210,7 @@ def make_config(cubeset: str, port: int = 8080, address: str = "127.0.0.1",
                  "Variables": [name for name, _ in variables]}
         entries.append((cube, entry))
     if checked_grids:  # read through the release's checked store (cube_gen.xcube_levels)
-        from cube_gen.xcube_levels import store_config
+        from cube_gen.xcube_config import store_config
 
         config["DataStores"] = [store_config(cubeset, [entry for _, entry in entries],
                                              storage_options or None)]

@@ -151,6 +151,30 @@ def test_plan_respects_the_memory_budget():
         P.plan_index(P.IndexSpec(kind="flat"), 7949 * 576)
 
 
+def test_index_from_the_reused_training_sample_is_the_streamed_index():
+    """Training on every patch: adding the sample's rows gives the index that reading every
+    image again gives, byte for byte (and reads each image once)."""
+    faiss = P._faiss()
+    n_images, nf = 24, 256
+    vec, _ = P.simulate_patch_vectors(n_images, n_species=8, n_features=nf, seed=5)
+    feats = vec.reshape(n_images, 1, 24, 24, nf).astype(np.float16)
+    spec = P.IndexSpec(kind="ivfpq", dims=48, pq_bytes=6, train_patches=n_images * 576)
+    reads = []
+
+    def read(i):
+        reads.append(int(i))
+        return feats[i]
+
+    built = {}
+    for reuse in (True, False):
+        reads.clear()
+        index, info = P.build_index(read, n_images, spec, n_features=nf, reuse_sample=reuse)
+        built[reuse] = faiss.serialize_index(index).tobytes()
+        assert index.ntotal == n_images * 576
+        assert sorted(reads) == sorted(list(range(n_images)) * (1 if reuse else 2))
+    assert built[True] == built[False]
+
+
 def test_compressed_index_recall_at_10():
     """IVF-PQ + exact re-ranking against exact search, on structured synthetic patches."""
     n_images, nf = 24, 256

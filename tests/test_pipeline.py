@@ -229,12 +229,59 @@ def test_local_dask_cluster_gives_the_same_cubes(tiny_cubes, tiny_source, tmp_pa
     data = tiny_recipe_data(tiny_source, target, vision={"umap_rgb": False, "batch_size": 2})
     data["compute"] = {"scheduler": "local", "n_workers": 2, "threads_per_worker": 1,
                        "memory_limit": "2GB"}
+    before = _live_children()
     run_recipe(parse_recipe(data), progress=False)
+    assert not _wait_gone(_live_children() - before), "the build left cluster processes"
     for name in ("features", "pooled", "attention", "stat_mean_l2norm", "gbif_id"):
         a = open_cube(str(tiny_cubes), S.VISION)[name].values
         b = open_cube(str(target), S.VISION)[name].values
         np.testing.assert_array_equal(a, b, err_msg=name)
     assert open_cube(str(target), S.VISION).umap_rgb.attrs.get("computed") is False
+
+
+def _live_children() -> set[int]:
+    """This process's live spawned children (Dask workers; not multiprocessing's resource
+    tracker, which lives as long as this process)."""
+    import psutil
+
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()):
+                out.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _wait_gone(pids: set[int], seconds: float = 10) -> set[int]:
+    deadline = time.monotonic() + seconds
+    while (left := pids & _live_children()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_build_compute_one_cluster_per_build_warm_and_shut_down():
+    from cube_gen.pipeline import BuildCompute
+
+    before = _live_children()
+    compute = {"scheduler": "local", "n_workers": 2, "threads_per_worker": 1,
+               "memory_limit": "2GB"}
+    with BuildCompute(compute).start() as bc:
+        client = bc.client()
+        assert bc.client() is client  # every stage gets the same cluster
+        assert len(client.scheduler_info()["workers"]) == 2
+        # the task modules were imported on every worker when the cluster started
+        warm = client.run(lambda: "cube_gen.chunkio" in __import__("sys").modules)
+        assert list(warm.values()) == [True, True]
+        workers = _live_children() - before
+        assert len(workers) >= 2
+    assert not _wait_gone(workers), "worker processes survived the build"
+    with pytest.raises(RuntimeError, match="shut down"):
+        bc.client()
+    bc.close()  # twice is fine
+    BuildCompute(compute).close()  # never started: nothing to shut down
+    assert BuildCompute({"scheduler": "synchronous"}).start().client() is None
 
 
 def test_compressed_sharded_float32_variant(tiny_source, tmp_path):

@@ -14,7 +14,7 @@ The observations' place groups and dot tiles are in :mod:`.places`.
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
+import importlib.util
 import logging
 import os
 import shutil
@@ -84,10 +84,13 @@ def add_viewer_config(config: dict[str, Any], cubeset: str,
 # -- the prepared viewer copy --------------------------------------------------------------
 def bundled_viewer_dist() -> Path | None:
     """The viewer build shipped inside xcube (``xcube/webapi/viewer/dist``), if present."""
-    try:
-        dist = Path(str(importlib.resources.files("xcube.webapi.viewer") / "dist"))
-    except (ImportError, TypeError):
+    try:  # located, not imported (importing it costs seconds, and xcube serve does it)
+        spec = importlib.util.find_spec("xcube.webapi.viewer")
+    except ImportError:
         return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    dist = Path(list(spec.submodule_search_locations)[0]) / "dist"
     return dist if (dist / "index.html").is_file() else None
 
 
