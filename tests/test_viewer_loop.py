@@ -358,28 +358,33 @@ def app_state(page) -> dict:
                 filters: window.deepearth.filters(), url: location.href}; }""")
 
 
-def wait_place(page, gbif_id: int) -> None:
+def wait_place(page, gbif_id: int, timeout: int = WAIT_MS) -> None:
     page.wait_for_function(
         f"() => window.deepearth && window.deepearth.store && "
         f"window.deepearth.store.getState().controlState.selectedPlaceId === 'obs-{gbif_id}'",
-        timeout=WAIT_MS)
+        timeout=timeout)
 
 
-def click_dot(page, lon: float, lat: float, gbif_id: int, tries: int = 3) -> None:
-    """Click the dot at (lon, lat) until it is selected: a loaded machine may still be
-    drawing or moving the map at the first click (the position is taken anew each try)."""
+def click_until_selected(page, click, gbif_id: int, tries: int = 3) -> None:
+    """Call ``click()`` until observation ``gbif_id`` is selected: on a loaded machine the
+    map may still be moving, or a chart re-rendering, at the first click."""
     for attempt in range(tries):
-        x, y = screen_xy(page, lon, lat)
-        page.mouse.click(x + 1, y + 1)
+        click()
         try:
-            page.wait_for_function(
-                f"() => window.deepearth.store.getState().controlState.selectedPlaceId"
-                f" === 'obs-{gbif_id}'", timeout=WAIT_MS // 3)
+            wait_place(page, gbif_id, timeout=WAIT_MS // 3)
             return
         except Exception:
             if attempt == tries - 1:
                 raise
             page.wait_for_timeout(500)
+
+
+def click_dot(page, lon: float, lat: float, gbif_id: int, tries: int = 3) -> None:
+    """Click the dot at (lon, lat) until it is selected (its position taken anew each try)."""
+    def click() -> None:
+        x, y = screen_xy(page, lon, lat)
+        page.mouse.click(x + 1, y + 1)
+    click_until_selected(page, click, gbif_id, tries)
 
 
 def open_panel(page, title: str) -> None:
@@ -454,8 +459,8 @@ def test_umap_click_moves_the_map_selection(loop):
     page.get_by_role("option", name="Photos: vision UMAP", exact=True).click()
     point = page.locator(f'.vega-embed svg path[aria-label*="gbif_id: {gid}"]').first
     point.wait_for(timeout=WAIT_MS)
-    point.click(force=True)
-    wait_place(page, gid)
+    # vega may still be re-rendering the chart just switched to: a first click can be lost
+    click_until_selected(page, lambda: point.click(force=True), gid)
     page.wait_for_timeout(600)  # the map pans to it
     st = app_state(page)
     row = loop["obs"][loop["obs"].gbif_id == gid].iloc[0]
