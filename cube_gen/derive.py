@@ -7,7 +7,9 @@ import colorsys
 import numpy as np
 import pandas as pd
 
-from .embedding_math import EXACT_KNN_MAX, _pca_scores, normalise, project_3d
+from .embedding_math import normalise
+from .pca import _pca_scores
+from .projection import EXACT_KNN_MAX, project_3d
 
 
 def hex_color(rgb) -> str:

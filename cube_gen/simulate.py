@@ -58,6 +58,7 @@ from . import schema as S
 from . import source_layout as L
 from .encode import write_dataset
 from .errors import UsageError
+from .pca import _pca_scores
 from .pipeline import (
     STAGE_SECONDS,
     STAGES,
@@ -166,13 +167,13 @@ PROJECTIONS = ("auto", "recipe", "approximate", "pca")
 def vision_projection(pooled: np.ndarray, how: str = "auto") -> tuple[np.ndarray, str] | None:
     """The whole-set vision projection: ``auto`` / ``recipe`` (None: the recipe's own,
     :func:`cube_gen.derive.vision_projection` in :func:`cube_gen.pipeline.finish_vision`,
-    whose neighbours are exact up to :data:`cube_gen.embedding_math.EXACT_KNN_MAX` images
+    whose neighbours are exact up to :data:`cube_gen.projection.EXACT_KNN_MAX` images
     and approximate above), ``approximate`` (approximate neighbours at any size) or
     ``pca`` (the first three principal components)."""
     if how not in PROJECTIONS:
         raise UsageError(f"--projection must be one of {', '.join(PROJECTIONS)}, got {how!r}")
     if how == "pca":
-        return em._pca_scores(pooled, 3)[:, :3], "pca"
+        return _pca_scores(pooled, 3)[:, :3], "pca"
     if how == "approximate":
         from .derive import vision_projection as recipe_projection
 

@@ -28,7 +28,6 @@ from xcube.util.jsonschema import JsonObjectSchema, JsonStringSchema
 
 from cube_gen import schema as S
 from cube_gen.access import CubeSet
-from cube_gen.xcube_config import store_config  # noqa: F401 - its home before
 
 
 class CheckedLevels(LazyMultiLevelDataset):
@@ -75,7 +74,8 @@ def dataset_config(identifier: str, url: str, cube: str = S.GRID, version: str |
 class DeepEarthDataStore(DataStore):
     """An xcube data store (``StoreId: deepearth``) of the grid pyramids of a cube set.
 
-    Registered by the server plugin; in the config (see :func:`store_config`)::
+    Registered by the server plugin; in the config
+    (see :func:`cube_gen.xcube_config.store_config`)::
 
         DataStores:
           - Identifier: deepearth

@@ -9,6 +9,7 @@ from scipy.stats import spearmanr
 from threadpoolctl import threadpool_limits
 
 from cube_gen import embedding_math as em
+from cube_gen import pca, projection
 from cube_gen.schema import ATTENTION_METHODS, IMAGE_STATS
 from cube_gen.synth import synth_embedding
 
@@ -84,7 +85,7 @@ def test_fast_pca_agrees_with_exact_on_planted_and_noise_spectra():
     amps = np.array([3.0, 2.0, 1.4, 1.0, 0.7, 0.5])
     planted = ((fields * amps) @ dirs + rng.normal(0, 1, (576, 1408))).astype(np.float32)
     for x in (planted, rng.normal(0, 1, (576, 1408)).astype(np.float32)):  # noise: no gaps
-        fast, exact = em.pca_scores_fast(x), em._pca_scores(x)
+        fast, exact = pca.pca_scores_fast(x), pca._pca_scores(x)
         for c in range(5):
             assert abs(np.corrcoef(fast[:, c], exact[:, c])[0, 1]) >= 0.99
         np.testing.assert_allclose(fast, exact, atol=2e-3 * np.abs(exact).max())
@@ -119,7 +120,7 @@ def test_project_3d_separates_clusters():
     centres = rng.normal(0, 1, (4, 64)) * 4
     labels = np.repeat(np.arange(4), 60)
     x = (centres[labels] + rng.normal(0, 1, (240, 64))).astype(np.float32)
-    y, method = em.project_3d(x, metric="euclidean")
+    y, method = projection.project_3d(x, metric="euclidean")
     assert method == "umap" and y.shape == (240, 3) and np.isfinite(y).all()
     d = np.linalg.norm(y[:, None] - y[None], axis=-1)
     same = labels[:, None] == labels[None]
@@ -136,9 +137,9 @@ def test_whole_set_pca_in_blocks_equals_an_svd():
     ref = u[:, :5] * s[:5]
     ref *= np.sign(ref[np.abs(ref).argmax(axis=0), np.arange(5)])
     for block in (65_536, 128, 7):
-        np.testing.assert_allclose(em._pca_scores(x, 5, block=block), ref,
+        np.testing.assert_allclose(pca._pca_scores(x, 5, block=block), ref,
                                    atol=1e-4 * np.abs(ref).max())
-    np.testing.assert_allclose(em._pca_scores(x.astype(np.float16), 3)[:, 0], ref[:, 0],
+    np.testing.assert_allclose(pca._pca_scores(x.astype(np.float16), 3)[:, 0], ref[:, 0],
                                atol=2e-2 * np.abs(ref[:, 0]).max())
 
 
@@ -149,8 +150,8 @@ def test_approximate_neighbours_find_the_exact_ones(metric):
     factors = rng.normal(0, 1, (4000, 24)) @ rng.normal(0, 1, (24, 256))
     x = (centres[rng.integers(0, 30, 4000)] + factors + rng.normal(0, 0.3, (4000, 256)))
     x = x.astype(np.float32)
-    idx, dist = em.knn_approximate(x, 15, metric)
-    ex_idx, ex_dist = em._knn(x, 15, metric)
+    idx, dist = projection.knn_approximate(x, 15, metric)
+    ex_idx, ex_dist = projection._knn(x, 15, metric)
     assert idx.shape == dist.shape == (4000, 15)
     assert (idx[:, 0] == np.arange(4000)).all() and (dist[:, 0] == 0).all()
     recall = np.mean([len(set(a[1:]) & set(b[1:])) / 14 for a, b in zip(idx, ex_idx, strict=True)])
@@ -172,9 +173,9 @@ def test_project_3d_uses_approximate_neighbours_above_the_limit():
     centres = rng.normal(0, 1, (4, 64)) * 4
     labels = np.repeat(np.arange(4), 100)
     x = (centres[labels] + rng.normal(0, 1, (400, 64))).astype(np.float32)
-    y, method = em.project_3d(x, metric="cosine", exact_max=100)
-    assert method == em.APPROXIMATE_UMAP and y.shape == (400, 3) and np.isfinite(y).all()
-    assert em.project_3d(x, metric="cosine")[1] == "umap"  # below the limit: exact
+    y, method = projection.project_3d(x, metric="cosine", exact_max=100)
+    assert method == projection.APPROXIMATE_UMAP and y.shape == (400, 3) and np.isfinite(y).all()
+    assert projection.project_3d(x, metric="cosine")[1] == "umap"  # below the limit: exact
     d = np.linalg.norm(y[:, None] - y[None], axis=-1)
     same = labels[:, None] == labels[None]
     assert np.median(d[same]) * 3 < np.median(d[~same])
@@ -185,15 +186,15 @@ def test_umap_rgb_agrees_with_the_spectral_start_at_full_epochs(feats):
     start, UMAP_EPOCHS): the patch colour distances rank-correlate; the sparse fuzzy graph
     and the dense one of small inputs are the same graph."""
     mean = em._prepare(feats).mean
-    earlier = em.umap_layout(mean, 3, 15, n_epochs=em.UMAP_EPOCHS)
+    earlier = projection.umap_layout(mean, 3, 15, n_epochs=projection.UMAP_EPOCHS)
     ours = em.umap_rgb(feats).reshape(576, 3).astype(float)
     rho = spearmanr(pdist(ours), pdist(earlier)).statistic
     assert rho > 0.6, rho
-    dense = em._fuzzy_graph(mean, 15)
-    limit, em._DENSE_GRAPH_MAX = em._DENSE_GRAPH_MAX, 0
+    dense = projection._fuzzy_graph(mean, 15)
+    limit, projection._DENSE_GRAPH_MAX = projection._DENSE_GRAPH_MAX, 0
     try:
-        sparse = em._fuzzy_graph(mean, 15)
+        sparse = projection._fuzzy_graph(mean, 15)
     finally:
-        em._DENSE_GRAPH_MAX = limit
+        projection._DENSE_GRAPH_MAX = limit
     for a, b in zip(dense[:3], sparse[:3], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)

@@ -262,7 +262,7 @@ def _wait_gone(pids: set[int], seconds: float = 10) -> set[int]:
 
 
 def test_build_compute_one_cluster_per_build_warm_and_shut_down():
-    from cube_gen.pipeline import BuildCompute
+    from cube_gen.compute import BuildCompute
 
     before = _live_children()
     compute = {"scheduler": "local", "n_workers": 2, "threads_per_worker": 1,

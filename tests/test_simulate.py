@@ -147,8 +147,8 @@ def test_http_answers_404_not_zeros(sim, cs, tmp_path):
 
 
 def test_approximate_projection_above_the_exact_limit(cs):
-    from cube_gen.embedding_math import _pca_scores
     from cube_gen.errors import UsageError
+    from cube_gen.pca import _pca_scores
     from cube_gen.simulate import vision_projection
 
     pooled = cs.pooled()

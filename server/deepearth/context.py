@@ -104,7 +104,7 @@ class DeepEarthContext(ApiContext):
         self.storage_options = dict(plain(section.get("StorageOptions")) or {})
         self.resources = Resources(self.settings)
         # Requests run concurrently on worker threads: one BLAS thread each, or
-        # multi-threaded BLAS spin-waits on the busy cores (see cube_gen.embedding_math).
+        # multi-threaded BLAS spin-waits on the busy cores (see cube_gen.pca.single_threaded_blas).
         threadpool_limits(limits=1, user_api="blas")
         self._open()
 
